@@ -1,0 +1,394 @@
+"""What every instrumentor stands on: the contract, class-level patching, error
+isolation, suppression and the span-around-a-call template.
+
+An instrumentor file should only say *what* to wrap and *which attributes* to
+set. Everything that must be right once for all libraries lives here:
+
+* ``Instrumentor`` -- the per-library contract (name, distribution, supported
+  version range, target modules, ``patch``/``unpatch``), in the spirit of
+  upstream's ``BaseInstrumentor`` and ddtrace's patch/unpatch modules.
+* ``wrap`` / ``unwrap`` -- patch a *method on a class* (never rebind a module
+  attribute, so ``from flask import Flask`` done early still sees the patch) and
+  restore the original exactly.
+* ``guard`` / ``guarded`` -- our code never raises into the host program: an
+  error is logged once per site and the user's call proceeds.
+* ``traced_call`` -- the common "span around a call" wrapper, for sync and
+  async callables, with exceptions recorded and re-raised unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from autotrace import __version__
+from autotrace._log import error_once
+
+try:  # present in every API version we support, but stay defensive
+    from opentelemetry.context import _SUPPRESS_HTTP_INSTRUMENTATION_KEY
+except ImportError:  # pragma: no cover
+    _SUPPRESS_HTTP_INSTRUMENTATION_KEY = otel_context.create_key("suppress_http_instrumentation")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SUPPRESS_INSTRUMENTATION_KEY = _SUPPRESS_INSTRUMENTATION_KEY
+SUPPRESS_HTTP_INSTRUMENTATION_KEY = _SUPPRESS_HTTP_INSTRUMENTATION_KEY
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------
+# Error isolation
+
+
+class guard:
+    """``with guard("redis.start"):`` -- swallow and report errors of *our* code.
+
+    Use it only around instrumentation code, never around the user's call:
+    the user's own exceptions must propagate unchanged.
+    """
+
+    __slots__ = ("site",)
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+    def __enter__(self) -> "guard":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            return False
+        if not issubclass(exc_type, Exception):
+            return False  # KeyboardInterrupt, SystemExit, GeneratorExit: not ours to swallow
+        error_once(
+            self.site,
+            "autotrace: internal error in %s; the program continues, this call may be untraced",
+            self.site,
+        )
+        return True
+
+
+def guarded(site: str, default: Any = None) -> Callable[[F], F]:
+    """Decorator form of :class:`guard`: on error, log once and return ``default``."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except Exception:
+                error_once(
+                    site,
+                    "autotrace: internal error in %s; the program continues, this call may be untraced",
+                    site,
+                )
+                return default
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
+# --------------------------------------------------------------------------
+# Suppression
+
+
+def is_suppressed(http: bool = False) -> bool:
+    """True while instrumentation must stay silent (exporter traffic, nested calls).
+
+    The BatchSpanProcessor sets the OTel suppress key while exporting; HTTP
+    client instrumentors also set the HTTP key so that a lower-level HTTP
+    instrumentor (urllib3, http.client plugins) does not add a duplicate span.
+    """
+    if otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
+        return True
+    return http and bool(otel_context.get_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY))
+
+
+class suppressed:
+    """``with suppressed():`` -- nothing inside produces spans (``http=True``: only HTTP clients)."""
+
+    __slots__ = ("key", "token")
+
+    def __init__(self, http: bool = False) -> None:
+        self.key = _SUPPRESS_HTTP_INSTRUMENTATION_KEY if http else _SUPPRESS_INSTRUMENTATION_KEY
+        self.token: Any = None
+
+    def __enter__(self) -> "suppressed":
+        self.token = otel_context.attach(otel_context.set_value(self.key, True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        otel_context.detach(self.token)
+
+
+# --------------------------------------------------------------------------
+# Class-level wrapping
+
+
+def _resolve(owner: Any, path: str) -> Tuple[Any, str]:
+    """``(module_or_class, "Class.method")`` -> ``(Class, "method")``."""
+    parts = path.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    return owner, parts[-1]
+
+
+class Patch:
+    """One applied wrapper, remembering exactly what it replaced."""
+
+    __slots__ = ("owner", "name", "original", "wrapper")
+
+    def __init__(self, owner: Any, name: str, original: Any, wrapper: Any) -> None:
+        self.owner = owner
+        self.name = name
+        self.original = original
+        self.wrapper = wrapper
+
+    def undo(self) -> None:
+        if self.owner.__dict__.get(self.name) is not self.wrapper:
+            return  # someone wrapped on top of us; leave their wrapper in place
+        if self.original is _MISSING:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.original)
+
+
+def wrap(owner: Any, path: str, wrapper: Callable[..., Any]) -> Patch:
+    """Wrap ``owner.path`` (e.g. ``(redis.client, "Redis.execute_command")``) in place.
+
+    ``wrapper(wrapped, instance, args, kwargs)`` follows wrapt's convention. The
+    wrapped attribute keeps its name, signature, docstring and async nature.
+    Wrapping the same target twice is refused (returns the existing patch).
+    """
+    target, name = _resolve(owner, path)
+    namespace = getattr(target, "__dict__", {})
+    original = namespace.get(name, _MISSING)
+    if getattr(original, "_self_autotrace_wrapper", None) is wrapper:
+        return Patch(target, name, original, original)
+    # An inherited attribute is wrapped as its raw descriptor, found statically.
+    descriptor = original if original is not _MISSING else inspect.getattr_static(target, name)
+    function_wrapper = wrapt.FunctionWrapper(descriptor, wrapper)
+    function_wrapper._self_autotrace_wrapper = wrapper  # type: ignore[attr-defined]
+    setattr(target, name, function_wrapper)
+    return Patch(target, name, original, function_wrapper)
+
+
+def unwrap(patch: Patch) -> None:
+    """Restore what :func:`wrap` replaced."""
+    patch.undo()
+
+
+def is_wrapped(owner: Any, path: str) -> bool:
+    target, name = _resolve(owner, path)
+    return isinstance(target.__dict__.get(name), wrapt.FunctionWrapper)
+
+
+# --------------------------------------------------------------------------
+# The instrumentor contract
+
+
+class Instrumentor:
+    """Base class of every autotrace instrumentor (built-in or plugin).
+
+    Subclasses set the class attributes and implement :meth:`patch_module`
+    (called once for each module in :attr:`modules` when it is first imported,
+    or at once if it already is), using :meth:`wrap` so that :meth:`unpatch`
+    can undo everything.
+    """
+
+    #: Name used in ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` and ``--info``.
+    name: ClassVar[str] = ""
+    #: Distribution whose installed version is checked (``pip`` name).
+    distribution: ClassVar[str] = ""
+    #: Supported versions as a PEP 440 specifier, e.g. ``">=4,<9"``.
+    supported: ClassVar[str] = ""
+    #: Modules whose first import triggers :meth:`patch_module`.
+    modules: ClassVar[Sequence[str]] = ()
+    #: Other instrumentation names this one covers (upstream plugins skipped).
+    covers: ClassVar[Sequence[str]] = ()
+
+    def __init__(self) -> None:
+        self._patches: List[Patch] = []
+        self._tracer: Optional[trace.Tracer] = None
+        self.patched_modules: List[str] = []
+
+    # -- to implement -----------------------------------------------------
+    def patch_module(self, module_name: str, module: Any) -> None:
+        """Install wrappers for ``module`` (one of :attr:`modules`)."""
+        raise NotImplementedError
+
+    def unpatch_extra(self) -> None:
+        """Undo anything not done with :meth:`wrap` (event listeners, ...)."""
+
+    # -- helpers ------------------------------------------------------------
+    def instrument(self) -> "Instrumentor":
+        """Import and patch every target module now (tests, programmatic use).
+
+        The agent itself never calls this: it patches lazily on first import.
+        """
+        import importlib
+
+        for module_name in self.modules or (self.name,):
+            if module_name in self.patched_modules:
+                continue
+            self.patch_module(module_name, importlib.import_module(module_name))
+            self.patched_modules.append(module_name)
+        return self
+
+    def wrap(self, owner: Any, path: str, wrapper: Callable[..., Any]) -> None:
+        """Class-level :func:`wrap`, remembered for :meth:`unpatch`.
+
+        A target missing in this library version is skipped (logged at debug):
+        one absent method must not stop the rest of the instrumentor.
+        """
+        try:
+            self._patches.append(wrap(owner, path, wrapper))
+        except AttributeError:
+            from autotrace._log import logger
+
+            logger.debug("autotrace: %s: %s not found on %r; skipped", self.name, path, owner)
+
+    def unpatch(self) -> None:
+        """Restore every original; safe to call twice."""
+        while self._patches:
+            self._patches.pop().undo()
+        self.unpatch_extra()
+        self.patched_modules.clear()
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        if self._tracer is None:
+            self._tracer = trace.get_tracer(f"autotrace.instrumentors.{self.name}", __version__)
+        return self._tracer
+
+    def reset_tracer(self) -> None:
+        self._tracer = None
+
+
+# --------------------------------------------------------------------------
+# Span helpers
+
+
+def record_exception(span: Span, exc: BaseException, error_type: Optional[str] = None) -> None:
+    """Mark ``span`` failed by ``exc``: exception event, ERROR status, ``error.type``."""
+    if not span.is_recording():
+        return
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
+    span.set_attribute("error.type", error_type or _qualified_name(type(exc)))
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    if module in ("builtins", "__main__") or not module:
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+StartFn = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Optional[Span]]
+FinishFn = Callable[[Span, Any], None]
+
+
+def traced_call(
+    site: str,
+    start: StartFn,
+    finish: Optional[FinishFn] = None,
+    http: bool = False,
+    is_async: Optional[bool] = None,
+) -> Callable[..., Any]:
+    """Build a wrapt wrapper that runs the call inside a span.
+
+    ``start(instance, args, kwargs)`` returns a started span, or ``None`` to
+    leave the call untraced. ``finish(span, result)`` sets result attributes.
+    Both run under :class:`guard`; the span is current during the call; an
+    exception is recorded on the span and re-raised unchanged. Coroutine
+    functions get an async wrapper, so the span covers the awaited work
+    (pass ``is_async`` when known, to skip the per-call check).
+    ``http=True`` makes the call skip when an outer HTTP client span already
+    suppresses nested HTTP instrumentation, and suppress it for the inner call.
+    """
+
+    def begin(instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Optional[Span], Any]:
+        if is_suppressed(http):
+            return None, None
+        try:
+            span = start(instance, args, kwargs)
+            if span is None:
+                return None, None
+            ctx = trace.set_span_in_context(span)
+            if http:
+                ctx = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, ctx)
+            return span, otel_context.attach(ctx)
+        except Exception:
+            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
+            return None, None
+
+    def end(span: Span, token: Any, result: Any, exc: Optional[BaseException]) -> None:
+        try:
+            otel_context.detach(token)
+            if exc is not None:
+                record_exception(span, exc)
+            elif finish is not None:
+                finish(span, result)
+        except Exception:
+            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
+        finally:
+            try:
+                span.end()
+            except Exception:
+                error_once(site + ".end", "autotrace: internal error ending a span in %s", site)
+
+    def sync_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        span, token = begin(instance, args, kwargs)
+        if span is None:
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end(span, token, None, exc)
+            raise
+        end(span, token, result, None)
+        return result
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(wrapped):
+            return async_wrapper(wrapped, instance, args, kwargs)
+        return sync_wrapper(wrapped, instance, args, kwargs)
+
+    async def async_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        span, token = begin(instance, args, kwargs)
+        if span is None:
+            return await wrapped(*args, **kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end(span, token, None, exc)
+            raise
+        end(span, token, result, None)
+        return result
+
+    if is_async is True:
+        return async_wrapper
+    if is_async is False:
+        return sync_wrapper
+    return wrapper

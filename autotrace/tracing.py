@@ -1,0 +1,331 @@
+"""Setting up the OpenTelemetry SDK from :class:`~autotrace.config.Settings`.
+
+Every SDK object is built with explicit values (never ``None``), so the SDK's
+own environment parsing -- which raises on a malformed value -- never runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+from typing import Any, Dict, List, Optional
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from autotrace import __version__
+from autotrace._log import logger, warn_once
+from autotrace.config import Settings
+from autotrace.exporters import build_exporters
+
+_provider: Optional[TracerProvider] = None
+
+
+# --------------------------------------------------------------------------
+# Resource
+
+
+def build_resource(settings: Settings) -> Resource:
+    """Resource per the SDK spec, without the SDK's entry-point detector scan."""
+    from opentelemetry.sdk.version import __version__ as sdk_version
+
+    attributes: Dict[str, Any] = {
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.name": "opentelemetry",
+        "telemetry.sdk.version": sdk_version,
+        "telemetry.distro.name": "autotrace",
+        "telemetry.distro.version": __version__,
+        "process.pid": os.getpid(),
+        "process.runtime.name": sys.implementation.name,
+        "process.runtime.version": platform.python_version(),
+        "process.runtime.description": sys.version,
+        "process.executable.path": sys.executable,
+        "host.name": socket.gethostname(),
+    }
+    if sys.argv and sys.argv[0]:
+        attributes["process.command"] = sys.argv[0]
+    attributes.update(settings.resource_attributes)
+    service = settings.service_name or settings.resource_attributes.get("service.name")
+    attributes["service.name"] = service or _default_service_name()
+    return Resource(attributes)
+
+
+def _default_service_name() -> str:
+    """``unknown_service:<executable>`` as the spec asks, e.g. ``unknown_service:python``."""
+    executable = os.path.basename(sys.executable or "") or "python"
+    return f"unknown_service:{executable}"
+
+
+# --------------------------------------------------------------------------
+# Sampler
+
+
+def build_sampler(settings: Settings) -> sampling.Sampler:
+    name, arg = settings.sampler, settings.sampler_arg
+    ratio = 1.0
+    if name.endswith("traceidratio"):
+        ratio = _ratio(arg)
+    builtin = {
+        "always_on": lambda: sampling.ALWAYS_ON,
+        "always_off": lambda: sampling.ALWAYS_OFF,
+        "traceidratio": lambda: sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": lambda: sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": lambda: sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }
+    if name in builtin:
+        return builtin[name]()
+    try:
+        from autotrace.plugins import _entry_points
+
+        for entry_point in _entry_points("opentelemetry_traces_sampler"):
+            if entry_point.name == name:
+                factory = entry_point.load()
+                return factory(arg)
+    except Exception:
+        logger.error(
+            "autotrace: sampler %r from OTEL_TRACES_SAMPLER failed to load; using parentbased_always_on",
+            name,
+            exc_info=True,
+        )
+        return sampling.ParentBased(sampling.ALWAYS_ON)
+    warn_once(
+        f"sampler:{name}",
+        "autotrace: unknown sampler %r in OTEL_TRACES_SAMPLER; using the default parentbased_always_on",
+        name,
+    )
+    return sampling.ParentBased(sampling.ALWAYS_ON)
+
+
+def _ratio(arg: Optional[str]) -> float:
+    if arg is None:
+        return 1.0
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        warn_once(
+            f"sampler-arg:{arg}",
+            "autotrace: invalid value %r for OTEL_TRACES_SAMPLER_ARG (expected a ratio from 0 to 1); using the default 1.0",
+            arg,
+        )
+        return 1.0
+    return ratio
+
+
+# --------------------------------------------------------------------------
+# Propagators
+
+
+def _builtin_propagator(name: str) -> Any:
+    if name == "tracecontext":
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        return TraceContextTextMapPropagator()
+    if name == "baggage":
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+        return W3CBaggagePropagator()
+    if name == "b3":
+        from opentelemetry.propagators.b3 import B3SingleFormat
+
+        return B3SingleFormat()
+    if name == "b3multi":
+        from opentelemetry.propagators.b3 import B3MultiFormat
+
+        return B3MultiFormat()
+    if name == "jaeger":
+        from opentelemetry.propagators.jaeger import JaegerPropagator
+
+        return JaegerPropagator()
+    return None
+
+
+def build_propagator(settings: Settings) -> Any:
+    """The composite propagator; unknown names are skipped with a warning."""
+    from opentelemetry.propagators.composite import CompositePropagator
+
+    if "none" in settings.propagators:
+        return CompositePropagator([]), ["none"]
+    propagators: List[Any] = []
+    names: List[str] = []
+    for name in settings.propagators:
+        try:
+            propagator = _builtin_propagator(name)
+            if propagator is None:
+                propagator = _entry_point_propagator(name)
+        except Exception:
+            logger.error("autotrace: propagator %r failed to load; skipped", name, exc_info=True)
+            continue
+        if propagator is None:
+            warn_once(
+                f"propagator:{name}",
+                "autotrace: unknown propagator %r in OTEL_PROPAGATORS; skipped",
+                name,
+            )
+            continue
+        propagators.append(propagator)
+        names.append(name)
+    return CompositePropagator(propagators), names
+
+
+def _entry_point_propagator(name: str) -> Any:
+    from autotrace.plugins import _entry_points
+
+    for entry_point in _entry_points("opentelemetry_propagator"):
+        if entry_point.name == name:
+            return entry_point.load()()
+    return None
+
+
+# --------------------------------------------------------------------------
+# Provider
+
+
+def build_limits(settings: Settings) -> SpanLimits:
+    limits = settings.limits
+
+    def value(number: Optional[int]) -> int:
+        return SpanLimits.UNSET if number is None else number
+
+    return SpanLimits(
+        max_span_attributes=value(limits.attribute_count),
+        max_attributes=value(limits.attribute_count),
+        max_events=value(limits.event_count),
+        max_links=value(limits.link_count),
+        max_event_attributes=value(limits.event_attribute_count),
+        max_link_attributes=value(limits.link_attribute_count),
+        max_attribute_length=value(limits.attribute_value_length),
+        max_span_attribute_length=value(limits.attribute_value_length),
+    )
+
+
+def build_provider(settings: Settings) -> TracerProvider:
+    provider = TracerProvider(
+        sampler=build_sampler(settings),
+        resource=build_resource(settings),
+        span_limits=build_limits(settings),
+        shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
+    )
+    for exporter in build_exporters(settings):
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter,
+                max_queue_size=settings.bsp_max_queue_size,
+                schedule_delay_millis=settings.bsp_schedule_delay_ms,
+                max_export_batch_size=settings.bsp_max_export_batch_size,
+                export_timeout_millis=settings.bsp_export_timeout_ms,
+            )
+        )
+    return provider
+
+
+def shutdown(timeout_s: Optional[float] = None) -> bool:
+    """Flush and stop the provider, waiting at most ``timeout_s``; True when done in time.
+
+    The flush runs in a helper thread so that a collector that does not answer
+    cannot hang the program's exit beyond the bound.
+    """
+    provider = _provider
+    if provider is None:
+        return True
+    from autotrace.config import get_settings
+
+    if timeout_s is None:
+        timeout_s = get_settings().shutdown_timeout_ms / 1000.0
+    worker = threading.Thread(target=_safe_shutdown, args=(provider,), name="autotrace-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning(
+            "autotrace: spans were still being exported after %.1fs at exit; gave up (AUTOTRACE_SHUTDOWN_TIMEOUT)",
+            timeout_s,
+        )
+        return False
+    return True
+
+
+def _safe_shutdown(provider: TracerProvider) -> None:
+    try:
+        provider.shutdown()
+    except Exception:
+        logger.debug("autotrace: provider shutdown failed", exc_info=True)
+
+
+def _install_sigterm_flush() -> None:
+    """On SIGTERM, flush then die by SIGTERM as before -- only if the program has no handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+    except (ValueError, AttributeError):  # pragma: no cover - exotic platforms
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _after_fork_in_child() -> None:
+    """``multiprocessing`` children leave with ``os._exit``: flush through its finalizers."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        try:
+            mp_util.Finalize(None, shutdown, exitpriority=100)
+        except Exception:
+            logger.debug("autotrace: could not register the multiprocessing flush", exc_info=True)
+
+
+class _OverrideExplainer(logging.Filter):
+    """Explains the API's terse 'Overriding of current TracerProvider is not allowed'."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Overriding of current TracerProvider" in str(record.msg):
+            warn_once(
+                "provider-override",
+                "autotrace: the program tried to install its own TracerProvider; autotrace's provider "
+                "stays in place so spans are not duplicated. Configure tracing with OTEL_* variables, "
+                "or run without autotrace-run to use your own setup.",
+            )
+        return True
+
+
+def install(settings: Settings) -> TracerProvider:
+    """Build and install the global provider and propagator; register exit flushes."""
+    global _provider
+    propagator, names = build_propagator(settings)
+    if os.environ.get("OTEL_PROPAGATORS") and list(settings.propagators) != names:
+        # opentelemetry.propagate raises at import on an unknown name; keep
+        # only the names that loaded so that importing it stays safe.
+        os.environ["OTEL_PROPAGATORS"] = ",".join(names) or "none"
+    from opentelemetry import propagate
+
+    propagate.set_global_textmap(propagator)
+    provider = build_provider(settings)
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    logging.getLogger("opentelemetry.trace").addFilter(_OverrideExplainer())
+    atexit.register(shutdown)
+    _install_sigterm_flush()
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+    return provider
+
+
+def provider() -> Optional[TracerProvider]:
+    return _provider

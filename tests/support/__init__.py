@@ -1,0 +1,1 @@
+"""Shared test support: the OTLP receiver, service checks and subprocess helpers."""
