@@ -1,8 +1,10 @@
 """Agent start-up, run once per interpreter by the sitecustomize bootstrap.
 
-Order matters: settings first (so a bad value is reported before anything
-uses it), then the SDK, then the lazy import hooks. Nothing here imports an
-instrumented library; any failure is logged and the program runs untraced.
+Start-up only reads the settings and registers post-import hooks: it imports
+neither an instrumented library nor the OpenTelemetry SDK. The SDK is set up
+(:func:`ensure_sdk`) the first time it can matter -- when a traced library or
+the OpenTelemetry API itself is first imported -- so a program that uses
+neither pays almost nothing. Any failure is logged; the program runs untraced.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from autotrace._log import logger
 
 _lock = threading.Lock()
 _initialized = False
+_sdk_lock = threading.RLock()
+_sdk_state = "pending"  # pending -> in progress -> done | failed
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -52,12 +56,33 @@ def _initialize() -> None:
         logger.debug("autotrace: OTEL_SDK_DISABLED=true; nothing is patched")
         return
     _scrub_invalid_variables(settings.invalid_variables)
-    from autotrace import plugins, tracing
+    from autotrace import plugins
+    from autotrace._importhook import when_imported
 
-    tracing.install(settings)
-    if settings.log_correlation:
-        install_log_correlation(settings)
+    # Code that uses the OpenTelemetry API directly gets the SDK as it imports it.
+    when_imported("opentelemetry.trace", lambda module: ensure_sdk())
     plugins.activate(settings)
+
+
+def ensure_sdk() -> None:
+    """Install the SDK tracer provider once; re-entrant (the SDK imports the API)."""
+    global _sdk_state
+    with _sdk_lock:
+        if _sdk_state != "pending":
+            return
+        _sdk_state = "in progress"
+        try:
+            from autotrace import tracing
+            from autotrace.config import get_settings
+
+            settings = get_settings()
+            tracing.install(settings)
+            if settings.log_correlation:
+                install_log_correlation(settings)
+            _sdk_state = "done"
+        except Exception:
+            _sdk_state = "failed"
+            logger.error("autotrace: setting up the OpenTelemetry SDK failed; spans are not exported", exc_info=True)
 
 
 def _scrub_invalid_variables(names: Any) -> None:
@@ -100,6 +125,5 @@ def is_initialized() -> bool:
     return _initialized
 
 
-def reset_for_tests(value: Optional[bool] = None) -> None:
-    global _initialized
-    _initialized = bool(value)
+def sdk_state() -> str:
+    return _sdk_state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Dict, TextIO
 
 from autotrace import __version__
@@ -16,8 +15,10 @@ def _mask(value: str) -> str:
 
 def effective_configuration() -> Dict[str, Any]:
     settings = load_settings()
-    data = asdict(settings)
+    data = settings._asdict()
+    data["otlp"] = settings.otlp._asdict()
     data["otlp"]["headers"] = {key: _mask(value) for key, value in settings.otlp.headers.items()}
+    data["limits"] = settings.limits._asdict()
     data.pop("invalid_variables", None)
     return data
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from autotrace._importhook import when_imported
 from autotrace._log import logger
 from autotrace.config import Settings
 
@@ -62,22 +62,22 @@ PATCH_FAILED = "patch failed"
 COVERED = "skipped (covered by a built-in)"
 
 
-@dataclass
 class Plugin:
     """One discovered instrumentation and what became of it."""
 
-    name: str
-    value: str
-    group: str
-    provider: str  # distribution that declares the entry point
-    entry_point: Any = None
-    state: str = WILL_PATCH
-    reason: str = ""
-    instrumentor: Any = None
-    distribution: str = ""
-    supported: str = ""
-    installed_version: Optional[str] = None
-    modules: List[str] = field(default_factory=list)
+    def __init__(self, name: str, value: str, group: str, provider: str, entry_point: Any = None) -> None:
+        self.name = name
+        self.value = value
+        self.group = group
+        self.provider = provider  # distribution that declares the entry point
+        self.entry_point = entry_point
+        self.state = WILL_PATCH
+        self.reason = ""
+        self.instrumentor: Any = None
+        self.distribution = ""
+        self.supported = ""
+        self.installed_version: Optional[str] = None
+        self.modules: List[str] = []
 
     @property
     def trigger_module(self) -> str:
@@ -192,14 +192,12 @@ class Activator:
         self._lock = threading.RLock()
 
     def activate(self) -> List[Plugin]:
-        import wrapt
-
         self.plugins = discover(self.settings)
         for plugin in self.plugins:
             if plugin.state != WILL_PATCH:
                 continue
             try:
-                wrapt.register_post_import_hook(self._hook_for(plugin), plugin.trigger_module)
+                when_imported(plugin.trigger_module, self._hook_for(plugin))
             except Exception:
                 plugin.state, plugin.reason = FAILED, "could not register the import hook"
                 logger.error("autotrace: could not register the import hook for %r", plugin.name, exc_info=True)
@@ -216,6 +214,9 @@ class Activator:
         return on_import
 
     def _on_trigger(self, plugin: Plugin, module: Any) -> None:
+        from autotrace.bootstrap import ensure_sdk
+
+        ensure_sdk()  # the SDK is set up when the first traced library arrives
         with self._lock:
             if plugin.state != WILL_PATCH or plugin.instrumentor is not None:
                 return
@@ -226,10 +227,8 @@ class Activator:
             if plugin.group == UPSTREAM_GROUP:
                 self._activate_upstream(plugin)
                 return
-        import wrapt
-
         for module_name in plugin.modules:
-            wrapt.register_post_import_hook(self._module_hook(plugin, module_name), module_name)
+            when_imported(module_name, self._module_hook(plugin, module_name))
 
     def _version_ok(self, plugin: Plugin) -> bool:
         if not plugin.distribution or not plugin.supported:
