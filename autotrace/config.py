@@ -21,6 +21,7 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
 PROTOCOLS = ("http/protobuf", "grpc")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s]+\S*$")
 SAMPLERS = (
     "always_on",
     "always_off",
@@ -248,8 +249,15 @@ def _otlp_settings(env: EnvReader) -> OTLPSettings:
         )
         protocol = "http/protobuf"
 
-    specific_endpoint = env.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    generic_endpoint = env.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
+    def url(name: str) -> Optional[str]:
+        value = env.raw(name)
+        if value is not None and not _URL.match(value):
+            env._invalid(name, value, "the default endpoint", "expected a URL such as http://host:port")
+            return None
+        return value
+
+    specific_endpoint = url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    generic_endpoint = url("OTEL_EXPORTER_OTLP_ENDPOINT")
     if protocol == "grpc":
         endpoint = specific_endpoint or generic_endpoint or "http://localhost:4317"
     elif specific_endpoint:
@@ -258,11 +266,6 @@ def _otlp_settings(env: EnvReader) -> OTLPSettings:
         endpoint = generic_endpoint.rstrip("/") + "/v1/traces"
     else:
         endpoint = "http://localhost:4318/v1/traces"
-    endpoint_var = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" if specific_endpoint else "OTEL_EXPORTER_OTLP_ENDPOINT"
-    if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s]+", endpoint):
-        default = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318/v1/traces"
-        env._invalid(endpoint_var, endpoint, default, "expected a URL such as http://host:port")
-        endpoint = default
 
     headers = dict(env.key_values("OTEL_EXPORTER_OTLP_HEADERS"))
     headers.update(env.key_values("OTEL_EXPORTER_OTLP_TRACES_HEADERS"))

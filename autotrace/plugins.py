@@ -235,6 +235,10 @@ class Activator:
             return True
         if plugin.installed_version is None:
             plugin.state, plugin.reason = NOT_INSTALLED, f"distribution {plugin.distribution!r} not found"
+            logger.warning(
+                "autotrace: %r is imported but the version of distribution %r cannot be read; it is not instrumented",
+                plugin.trigger_module, plugin.distribution,
+            )
             return False
         if version_allowed(plugin.installed_version, plugin.supported):
             return True
@@ -311,7 +315,11 @@ def plugin_table(settings: Settings) -> List[Dict[str, str]]:
     """What ``--info`` prints: every plugin, loaded (not patched) to read its declarations."""
     rows = []
     for plugin in discover(settings):
-        if plugin.state in (WILL_PATCH, DISABLED) and load_instrumentor(plugin, quiet=True):
+        initial_state = plugin.state
+        loaded = plugin.state in (WILL_PATCH, DISABLED) and load_instrumentor(plugin, quiet=True)
+        if initial_state == DISABLED:
+            plugin.state = DISABLED
+        if loaded:
             if plugin.state == WILL_PATCH and plugin.distribution:
                 if plugin.installed_version is None:
                     plugin.state = NOT_INSTALLED

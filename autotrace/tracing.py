@@ -27,6 +27,7 @@ from autotrace.config import Settings
 from autotrace.exporters import build_exporters
 
 _provider: Optional[TracerProvider] = None
+_exporters: List[Any] = []
 
 
 # --------------------------------------------------------------------------
@@ -217,6 +218,7 @@ def build_provider(settings: Settings) -> TracerProvider:
         shutdown_on_exit=False,  # we flush at exit ourselves, with a bound
     )
     for exporter in build_exporters(settings):
+        _exporters.append(exporter)
         provider.add_span_processor(
             BatchSpanProcessor(
                 exporter,
@@ -242,16 +244,21 @@ def shutdown(timeout_s: Optional[float] = None) -> bool:
 
     if timeout_s is None:
         timeout_s = get_settings().shutdown_timeout_ms / 1000.0
+    for exporter in _exporters:
+        exporter.begin_shutdown()
     worker = threading.Thread(target=_safe_shutdown, args=(provider,), name="autotrace-shutdown", daemon=True)
     worker.start()
     worker.join(timeout_s)
-    if worker.is_alive():
+    done = not worker.is_alive()
+    if not done:
         logger.warning(
             "autotrace: spans were still being exported after %.1fs at exit; gave up (AUTOTRACE_SHUTDOWN_TIMEOUT)",
             timeout_s,
         )
-        return False
-    return True
+    failed = sum(exporter.failed_spans() for exporter in _exporters)
+    if failed:
+        logger.warning("autotrace: %d spans of this process were not exported (see the warnings above)", failed)
+    return done
 
 
 def _safe_shutdown(provider: TracerProvider) -> None:
@@ -281,14 +288,45 @@ def _install_sigterm_flush() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _after_fork_in_child() -> None:
-    """``multiprocessing`` children leave with ``os._exit``: flush through its finalizers."""
-    mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is not None:
-        try:
-            mp_util.Finalize(None, shutdown, exitpriority=100)
-        except Exception:
-            logger.debug("autotrace: could not register the multiprocessing flush", exc_info=True)
+class _ForkedChildFlush:
+    """``multiprocessing`` fork children leave with ``os._exit``, skipping atexit.
+
+    They do run ``multiprocessing.util`` finalizers, but clear the registry
+    first and then call the after-fork hooks: so an after-fork hook registers
+    the flush as a finalizer in each child.
+    """
+
+    def __call__(self, mp_util: Any) -> None:
+        mp_util.register_after_fork(self, self.in_child)
+
+    @staticmethod
+    def in_child(self: Any) -> None:
+        import multiprocessing.util as mp_util
+
+        mp_util.Finalize(None, shutdown, exitpriority=100)
+
+
+_forked_child_flush = _ForkedChildFlush()
+
+
+def _update_pid_after_fork() -> None:
+    """A forked child (gunicorn worker, Celery prefork child) reports its own ``process.pid``.
+
+    The Resource is shared by every tracer already handed out, so it is updated
+    in place -- in the child's own copy of memory only.
+    """
+    provider = _provider
+    if provider is None:
+        return
+    try:
+        from opentelemetry.attributes import BoundedAttributes
+
+        resource = provider.resource
+        attributes = dict(resource.attributes)
+        attributes["process.pid"] = os.getpid()
+        resource._attributes = BoundedAttributes(attributes=attributes, immutable=True)  # type: ignore[attr-defined]
+    except Exception:
+        logger.debug("autotrace: could not update process.pid after fork", exc_info=True)
 
 
 class _OverrideExplainer(logging.Filter):
@@ -322,8 +360,11 @@ def install(settings: Settings) -> TracerProvider:
     logging.getLogger("opentelemetry.trace").addFilter(_OverrideExplainer())
     atexit.register(shutdown)
     _install_sigterm_flush()
+    from autotrace._importhook import when_imported
+
+    when_imported("multiprocessing.util", _forked_child_flush)
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(after_in_child=_update_pid_after_fork)
     return provider
 
 

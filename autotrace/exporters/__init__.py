@@ -1,15 +1,15 @@
 """Building the configured span exporters.
 
-Exporters are constructed lazily, on the first batch, in the export thread: a
-program that starts and never makes a span pays nothing for protobuf, gRPC or
-an entry-point exporter, and a failure to construct one is logged once and
-costs the program nothing.
+Exporters are built when the SDK is set up (itself deferred until a traced
+library or the OpenTelemetry API is first imported), not on the first batch:
+a first batch may only come at interpreter exit, when imports that start
+threads are no longer allowed. A failure to build or run one is logged once
+and costs the program nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable, List, Optional, Sequence
 
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -20,31 +20,33 @@ from autotrace.config import Settings
 EXPORTER_GROUP = "opentelemetry_traces_exporter"
 
 
-class LazyExporter(SpanExporter):
-    """Builds the real exporter on first use; a failed build drops spans quietly after one error."""
+class SafeExporter(SpanExporter):
+    """Isolates the program from an exporter: a failed build or export is logged once, never raised."""
 
     def __init__(self, name: str, factory: Callable[[], SpanExporter]) -> None:
         self.name = name
-        self._factory = factory
         self._exporter: Optional[SpanExporter] = None
-        self._failed = False
-        self._lock = threading.Lock()
+        try:
+            self._exporter = factory()
+        except Exception:
+            error_once(
+                f"exporter-build:{name}",
+                "autotrace: could not create the %r span exporter; its spans are dropped",
+                name,
+            )
 
     @property
     def exporter(self) -> Optional[SpanExporter]:
-        if self._exporter is None and not self._failed:
-            with self._lock:
-                if self._exporter is None and not self._failed:
-                    try:
-                        self._exporter = self._factory()
-                    except Exception:
-                        self._failed = True
-                        error_once(
-                            f"exporter-build:{self.name}",
-                            "autotrace: could not create the %r span exporter; its spans are dropped",
-                            self.name,
-                        )
         return self._exporter
+
+    def begin_shutdown(self) -> None:
+        begin = getattr(self._exporter, "begin_shutdown", None)
+        if begin is not None:
+            begin()
+
+    def failed_spans(self) -> int:
+        stats = getattr(self._exporter, "stats", None)
+        return int(getattr(stats, "spans_failed", 0))
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         exporter = self.exporter
@@ -157,15 +159,15 @@ def _entry_point(name: str) -> Any:
     return None
 
 
-def build_exporters(settings: Settings) -> List[LazyExporter]:
-    """One lazy exporter per name in ``OTEL_TRACES_EXPORTER``; unknown names are skipped with a warning."""
-    exporters: List[LazyExporter] = []
+def build_exporters(settings: Settings) -> List[SafeExporter]:
+    """One exporter per name in ``OTEL_TRACES_EXPORTER``; unknown names are skipped with a warning."""
+    exporters: List[SafeExporter] = []
     for name in settings.traces_exporters:
         if name == "otlp":
             build = _otlp_grpc if settings.otlp.protocol == "grpc" else _otlp_http
-            exporters.append(LazyExporter(f"otlp ({settings.otlp.protocol} to {settings.otlp.endpoint})", lambda b=build: b(settings)))
+            exporters.append(SafeExporter(f"otlp ({settings.otlp.protocol} to {settings.otlp.endpoint})", lambda b=build: b(settings)))
         elif name in BUILTIN_EXPORTERS:
-            exporters.append(LazyExporter(name, lambda n=name: BUILTIN_EXPORTERS[n](settings)))
+            exporters.append(SafeExporter(name, lambda n=name: BUILTIN_EXPORTERS[n](settings)))
         else:
             entry_point = _entry_point(name)
             if entry_point is None:
@@ -176,5 +178,5 @@ def build_exporters(settings: Settings) -> List[LazyExporter]:
                     EXPORTER_GROUP,
                 )
                 continue
-            exporters.append(LazyExporter(name, lambda ep=entry_point: ep.load()()))
+            exporters.append(SafeExporter(name, lambda ep=entry_point: ep.load()()))
     return exporters

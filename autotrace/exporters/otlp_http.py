@@ -5,8 +5,7 @@ start-up would import ``requests`` into programs that never use it (and patch
 it), and its calls would pass through our own requests instrumentation. This
 exporter speaks the same protocol with ``http.client`` (keep-alive connection,
 gzip, TLS and mTLS, the OTLP retry rules: 429/502/503/504 with exponential
-backoff and ``Retry-After``) and reuses upstream's protobuf encoder, imported
-only when the first batch is sent.
+backoff and ``Retry-After``) and reuses upstream's protobuf encoder.
 
 A collector that is down or failing is reported by one warning naming the
 endpoint, repeated at most once a minute while it lasts, never a traceback.
@@ -72,7 +71,7 @@ class OTLPHttpSpanExporter(SpanExporter):
         if self._gzip:
             self._headers["Content-Encoding"] = "gzip"
         self._tls = (certificate, client_key, client_certificate)
-        self._encoder = encoder
+        self._encoder = encoder or _protobuf_encoder()
         self._connection: Optional[http.client.HTTPConnection] = None
         self._lock = threading.Lock()
         self._shutdown = threading.Event()
@@ -80,8 +79,8 @@ class OTLPHttpSpanExporter(SpanExporter):
 
     # -- SpanExporter ---------------------------------------------------------
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        if self._shutdown.is_set() and not spans:
-            return SpanExportResult.FAILURE
+        if not spans:
+            return SpanExportResult.SUCCESS
         try:
             body = self._encode(spans)
         except Exception as exc:
@@ -95,6 +94,10 @@ class OTLPHttpSpanExporter(SpanExporter):
         self._failed(len(spans), reason)
         return SpanExportResult.FAILURE
 
+    def begin_shutdown(self) -> None:
+        """The process is exiting: from now on one attempt per batch, no retry waits."""
+        self._shutdown.set()
+
     def shutdown(self) -> None:
         self._shutdown.set()
         with self._lock:
@@ -105,10 +108,6 @@ class OTLPHttpSpanExporter(SpanExporter):
 
     # -- internals ----------------------------------------------------------------
     def _encode(self, spans: Sequence[Any]) -> bytes:
-        if self._encoder is None:
-            from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-            self._encoder = lambda batch: encode_spans(batch).SerializePartialToString()
         body = self._encoder(spans)
         return gzip.compress(body, compresslevel=6) if self._gzip else body
 
@@ -116,6 +115,9 @@ class OTLPHttpSpanExporter(SpanExporter):
         self.stats.spans_failed += count
         self.stats.batches_failed += 1
         self.stats.last_error = reason
+        self._warn(reason)
+
+    def _warn(self, reason: str) -> None:
         warn_every(
             f"export:{self.endpoint}",
             WARN_INTERVAL_S,
@@ -136,6 +138,7 @@ class OTLPHttpSpanExporter(SpanExporter):
             retryable = status is None or status in RETRYABLE_STATUS
             if not retryable:
                 return False, reason
+            self._warn(reason + ", retrying")
             delay = retry_after if retry_after is not None else min(MAX_BACKOFF_S, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
             if self._shutdown.is_set() or time.monotonic() + delay >= deadline:
@@ -187,6 +190,12 @@ class OTLPHttpSpanExporter(SpanExporter):
             except Exception:
                 logger.debug("autotrace: closing the OTLP connection failed", exc_info=True)
             self._connection = None
+
+
+def _protobuf_encoder() -> Callable[[Sequence[Any]], bytes]:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    return lambda batch: encode_spans(batch).SerializePartialToString()
 
 
 def _describe(exc: BaseException) -> str:
