@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 from opentelemetry import trace
@@ -22,12 +23,13 @@ from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from autotrace import __version__
-from autotrace._log import logger, warn_once
+from autotrace._log import error_once, logger, warn_every, warn_once
 from autotrace.config import Settings
 from autotrace.exporters import build_exporters
 
 _provider: Optional[TracerProvider] = None
 _exporters: List[Any] = []
+_processors: List["CountingBatchSpanProcessor"] = []
 
 
 # --------------------------------------------------------------------------
@@ -210,6 +212,57 @@ def build_limits(settings: Settings) -> SpanLimits:
     )
 
 
+class CountingBatchSpanProcessor(BatchSpanProcessor):
+    """A BatchSpanProcessor that counts the spans it drops when its queue is full.
+
+    The SDK logs one terse line per dropped span; here the user gets a warning
+    when a burst starts dropping (at most once a minute), one when it is over
+    with the count, and the total at exit.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dropped = 0
+        self._dropped_in_burst = 0
+        self._last_drop = 0.0
+        self._queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        self._capacity = kwargs.get("max_queue_size") or 0
+
+    def on_end(self, span: Any) -> None:
+        try:
+            queue = self._queue
+            if queue is not None and len(queue) >= self._capacity and span.context.trace_flags.sampled:
+                self._count_drop()
+            elif self._dropped_in_burst and time.monotonic() - self._last_drop > 1.0:
+                self._burst_over()
+            super().on_end(span)
+        except Exception:  # span.end() runs in the program's code: never raise there
+            error_once("processor.on_end", "autotrace: internal error while queueing a span")
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self._dropped_in_burst += 1
+        self._last_drop = time.monotonic()
+        warn_every(
+            "queue-full",
+            60.0,
+            "autotrace: spans are produced faster than they can be exported; the queue is full "
+            "(OTEL_BSP_MAX_QUEUE_SIZE=%d) and new spans are dropped",
+            self._capacity,
+        )
+
+    def _burst_over(self) -> None:
+        count, self._dropped_in_burst = self._dropped_in_burst, 0
+        logger.warning("autotrace: the span queue has room again; %d spans were dropped during the burst", count)
+
+
+class _QueueFullFilter(logging.Filter):
+    """The SDK's per-span 'Queue full' line is replaced by our counted warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Queue full" not in str(record.msg)
+
+
 def build_provider(settings: Settings) -> TracerProvider:
     provider = TracerProvider(
         sampler=build_sampler(settings),
@@ -219,15 +272,16 @@ def build_provider(settings: Settings) -> TracerProvider:
     )
     for exporter in build_exporters(settings):
         _exporters.append(exporter)
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter,
-                max_queue_size=settings.bsp_max_queue_size,
-                schedule_delay_millis=settings.bsp_schedule_delay_ms,
-                max_export_batch_size=settings.bsp_max_export_batch_size,
-                export_timeout_millis=settings.bsp_export_timeout_ms,
-            )
+        processor = CountingBatchSpanProcessor(
+            exporter,
+            max_queue_size=settings.bsp_max_queue_size,
+            schedule_delay_millis=settings.bsp_schedule_delay_ms,
+            max_export_batch_size=settings.bsp_max_export_batch_size,
+            export_timeout_millis=settings.bsp_export_timeout_ms,
         )
+        _processors.append(processor)
+        provider.add_span_processor(processor)
+    logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_QueueFullFilter())
     return provider
 
 
@@ -258,7 +312,15 @@ def shutdown(timeout_s: Optional[float] = None) -> bool:
     failed = sum(exporter.failed_spans() for exporter in _exporters)
     if failed:
         logger.warning("autotrace: %d spans of this process were not exported (see the warnings above)", failed)
+    dropped = dropped_spans()
+    if dropped:
+        logger.warning("autotrace: %d spans of this process were dropped because the span queue was full", dropped)
     return done
+
+
+def dropped_spans() -> int:
+    """Spans dropped by a full queue in this process so far."""
+    return sum(p.dropped for p in _processors)
 
 
 def _safe_shutdown(provider: TracerProvider) -> None:

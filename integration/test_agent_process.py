@@ -1,10 +1,8 @@
 """The agent in real processes: OTLP export over HTTP and gRPC to a real receiver, children,
 sitecustomize chaining, plugins from installed distributions, shutdown flushing, bad config."""
 
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -255,3 +253,65 @@ def test_upstream_instrumentor_plugins_are_activated_lazily(tmp_path):
     assert result.stdout.count("UPSTREAM INSTRUMENTED 1") == 1, result.stderr
     info = run_traced(["--info"], env).stdout
     assert "covered by a built-in" in next(l for l in info.splitlines() if l.strip().startswith("flask ") and "upstream" in l)
+
+
+def test_burst_drops_are_counted_and_reported(receiver):
+    receiver.behaviour.delay_s = 0.5  # a slow collector: the queue fills
+    env = dict(receiver.env(), OTEL_BSP_MAX_QUEUE_SIZE="100", OTEL_BSP_MAX_EXPORT_BATCH_SIZE="50", OTEL_BSP_SCHEDULE_DELAY="10")
+    code = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        import autotrace.tracing as t
+        tracer = trace.get_tracer("burst")
+        for i in range(2000):
+            tracer.start_span("s").end()
+        print("dropped", t.dropped_spans())
+        """
+    )
+    result = run_traced(["python", "-c", code], env)
+    dropped = int(result.stdout.split()[-1])
+    print(f"burst of 2000 spans into a queue of 100: {dropped} dropped, {len(receiver.spans)} received before exit")
+    assert dropped > 0
+    assert result.stderr.count("the queue is full") == 1
+    assert f"{dropped} spans of this process were dropped" in result.stderr
+    assert "Queue full" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_program_installing_its_own_provider_gets_an_explanation(receiver):
+    code = textwrap.dedent(
+        """
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        trace.set_tracer_provider(TracerProvider())
+        with trace.get_tracer("x").start_as_current_span("once"):
+            pass
+        """
+    )
+    result = run_traced(["python", "-c", code], receiver.env())
+    assert "tried to install its own TracerProvider" in result.stderr
+    assert [s.name for s in receiver.wait_for_count(1)] == ["once"]
+
+
+def test_log_correlation_adds_trace_ids_to_records():
+    code = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(stream=sys.stdout, format="%(otelTraceID)s %(otelSpanID)s %(otelServiceName)s %(otelTraceSampled)s %(message)s")
+        from opentelemetry import trace
+        with trace.get_tracer("x").start_as_current_span("s") as span:
+            logging.getLogger("app").warning("inside")
+            print("expected", format(span.get_span_context().trace_id, "032x"))
+        logging.getLogger("app").warning("outside")
+        """
+    )
+    result = run_traced(["python", "-c", code], {"OTEL_TRACES_EXPORTER": "none", "OTEL_PYTHON_LOG_CORRELATION": "true", "OTEL_SERVICE_NAME": "svc"})
+    lines = result.stdout.splitlines()
+    expected = lines[1].split()[1]
+    assert lines[0].split() == [expected, lines[0].split()[1], "svc", "True", "inside"]
+    assert lines[2].split() == ["0", "0", "svc", "False", "outside"]
+
+
+def test_bootstrap_runs_once_per_process():
+    code = "import importlib, sys, autotrace.bootstrap as b\nsys.modules.pop('sitecustomize')\nimport sitecustomize\nprint(b.initialize())"
+    result = run_traced(["python", "-c", code], {"OTEL_TRACES_EXPORTER": "none"})
+    assert result.stdout.strip() == "False", result.stderr

@@ -3,9 +3,7 @@
 import os
 import signal
 import subprocess
-import sys
 import textwrap
-import time
 
 from autotrace.cli import prepend_pythonpath
 from autotrace.variables import VARIABLES

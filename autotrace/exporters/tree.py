@@ -79,6 +79,16 @@ class TreeSpanExporter(SpanExporter):
         self._buffered = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
+
+    def _forget_parent_spans(self) -> None:
+        """After a fork, the buffer holds the parent's spans: the parent prints them, not us."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._buffer = {}
+            self._buffered = 0
+            self._lock = threading.Lock()
+            self._file = None
 
     # -- output ------------------------------------------------------------
 
@@ -128,6 +138,7 @@ class TreeSpanExporter(SpanExporter):
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
         if self._closed:
             return SpanExportResult.FAILURE
+        self._forget_parent_spans()
         ready: List[List[SpanView]] = []
         early: List[List[SpanView]] = []
         with self._lock:
@@ -182,6 +193,7 @@ class TreeSpanExporter(SpanExporter):
     def shutdown(self) -> None:
         if self._closed:
             return
+        self._forget_parent_spans()
         self.flush_pending()
         self._closed = True
         if self._file is not None:

@@ -12,7 +12,7 @@ import threading
 import time
 import zlib
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional
 
