@@ -331,16 +331,19 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
     if batch > queue:
         env._invalid("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", str(batch), min(512, queue), "larger than the queue size")
         batch = min(512, queue)
+    exporters = _exporters(env)
+    # The terminal view is for people watching: show traces promptly.
+    default_delay = 200.0 if exporters == ("tree",) else 5000.0
     settings = Settings(
         sdk_disabled=env.flag("OTEL_SDK_DISABLED", False),
         service_name=env.string("OTEL_SERVICE_NAME"),
         resource_attributes=env.key_values("OTEL_RESOURCE_ATTRIBUTES"),
-        traces_exporters=_exporters(env),
+        traces_exporters=exporters,
         otlp=_otlp_settings(env),
         sampler=_sampler(env),
         sampler_arg=env.string("OTEL_TRACES_SAMPLER_ARG"),
         propagators=env.names("OTEL_PROPAGATORS", ("tracecontext", "baggage")) or ("tracecontext", "baggage"),
-        bsp_schedule_delay_ms=env.number("OTEL_BSP_SCHEDULE_DELAY", 5000.0, float, minimum=0),
+        bsp_schedule_delay_ms=env.number("OTEL_BSP_SCHEDULE_DELAY", default_delay, float, minimum=0),
         bsp_export_timeout_ms=env.number("OTEL_BSP_EXPORT_TIMEOUT", 30000.0, float, minimum=0),
         bsp_max_queue_size=queue,
         bsp_max_export_batch_size=batch,

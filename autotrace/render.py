@@ -505,8 +505,8 @@ class Renderer:
         if not self.unicode:
             last = max(first + 1, min(width, int(math.ceil(end))))
             return " " * first, "#" * (last - first), " " * (width - last)
-        # Whole cells from the start cell, then an eighth block for the remainder.
-        length = max(end - first, 1 / 8)
+        # From the start cell, as long as the span lasts: whole cells, then an eighth block.
+        length = max(end - start, 1 / 8)
         full = int(length)
         eighths = int(round((length - full) * 8))
         if eighths == 8:
