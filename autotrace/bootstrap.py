@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -56,6 +57,7 @@ def _initialize() -> None:
         logger.debug("autotrace: OTEL_SDK_DISABLED=true; nothing is patched")
         return
     _scrub_invalid_variables(settings.invalid_variables)
+    install_sigterm_flush()
     from autotrace import plugins
     from autotrace._importhook import when_imported
 
@@ -83,6 +85,35 @@ def ensure_sdk() -> None:
         except Exception:
             _sdk_state = "failed"
             logger.error("autotrace: setting up the OpenTelemetry SDK failed; spans are not exported", exc_info=True)
+
+
+def install_sigterm_flush() -> None:
+    """On SIGTERM, flush spans, then die by SIGTERM as before -- only if the program has no handler.
+
+    Installed at start-up, not with the (lazy) SDK: servers such as uvicorn
+    save the handler they find when they start, and restore and re-raise it
+    when they stop; it must be ours by then.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+    except (ValueError, AttributeError):  # pragma: no cover - exotic platforms
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            tracing = sys.modules.get("autotrace.tracing")
+            if tracing is not None:
+                tracing.shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _scrub_invalid_variables(names: Any) -> None:

@@ -10,7 +10,6 @@ import atexit
 import logging
 import os
 import platform
-import signal
 import socket
 import sys
 import threading
@@ -30,6 +29,7 @@ from autotrace.exporters import build_exporters
 _provider: Optional[TracerProvider] = None
 _exporters: List[Any] = []
 _processors: List["CountingBatchSpanProcessor"] = []
+_shut_down = False
 
 
 # --------------------------------------------------------------------------
@@ -291,9 +291,11 @@ def shutdown(timeout_s: Optional[float] = None) -> bool:
     The flush runs in a helper thread so that a collector that does not answer
     cannot hang the program's exit beyond the bound.
     """
+    global _shut_down
     provider = _provider
-    if provider is None:
+    if provider is None or _shut_down:
         return True
+    _shut_down = True
     from autotrace.config import get_settings
 
     if timeout_s is None:
@@ -330,26 +332,6 @@ def _safe_shutdown(provider: TracerProvider) -> None:
         logger.debug("autotrace: provider shutdown failed", exc_info=True)
 
 
-def _install_sigterm_flush() -> None:
-    """On SIGTERM, flush then die by SIGTERM as before -- only if the program has no handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-    except (ValueError, AttributeError):  # pragma: no cover - exotic platforms
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        try:
-            shutdown()
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
 class _ForkedChildFlush:
     """``multiprocessing`` fork children leave with ``os._exit``, skipping atexit.
 
@@ -360,6 +342,9 @@ class _ForkedChildFlush:
 
     def __call__(self, mp_util: Any) -> None:
         mp_util.register_after_fork(self, self.in_child)
+        # This process may itself be a multiprocessing child (spawned: uvicorn
+        # workers and reloader children), which may also leave with os._exit.
+        mp_util.Finalize(None, shutdown, exitpriority=100)
 
     @staticmethod
     def in_child(self: Any) -> None:
@@ -377,6 +362,8 @@ def _update_pid_after_fork() -> None:
     The Resource is shared by every tracer already handed out, so it is updated
     in place -- in the child's own copy of memory only.
     """
+    global _shut_down
+    _shut_down = False
     provider = _provider
     if provider is None:
         return
@@ -421,7 +408,6 @@ def install(settings: Settings) -> TracerProvider:
     _provider = provider
     logging.getLogger("opentelemetry.trace").addFilter(_OverrideExplainer())
     atexit.register(shutdown)
-    _install_sigterm_flush()
     from autotrace._importhook import when_imported
 
     when_imported("multiprocessing.util", _forked_child_flush)
