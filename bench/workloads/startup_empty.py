@@ -1,0 +1,1 @@
+"""An empty program: the runner measures process wall time and peak RSS."""
