@@ -5,7 +5,8 @@ start-up would import ``requests`` into programs that never use it (and patch
 it), and its calls would pass through our own requests instrumentation. This
 exporter speaks the same protocol with ``http.client`` (keep-alive connection,
 gzip, TLS and mTLS, the OTLP retry rules: 429/502/503/504 with exponential
-backoff and ``Retry-After``) and reuses upstream's protobuf encoder.
+backoff and ``Retry-After``) and encodes with :mod:`autotrace.exporters.encoding`
+(same bytes as upstream's encoder, about four times faster).
 
 A collector that is down or failing is reported by one warning naming the
 endpoint, repeated at most once a minute while it lasts, never a traceback.
@@ -193,9 +194,22 @@ class OTLPHttpSpanExporter(SpanExporter):
 
 
 def _protobuf_encoder() -> Callable[[Sequence[Any]], bytes]:
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    """Our direct encoder; should it ever fail on a batch, upstream's encodes that batch."""
+    from autotrace.exporters.encoding import SpanEncoder
 
-    return lambda batch: encode_spans(batch).SerializePartialToString()
+    fast = SpanEncoder()
+
+    def encode(batch: Sequence[Any]) -> bytes:
+        try:
+            return fast(batch)
+        except Exception:
+            from autotrace._log import error_once
+            from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+            error_once("encoder", "autotrace: the span encoder failed; using upstream's encoder for this batch")
+            return encode_spans(batch).SerializePartialToString()
+
+    return encode
 
 
 def _describe(exc: BaseException) -> str:
