@@ -233,7 +233,8 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
             queue = self._queue
             if queue is not None and len(queue) >= self._capacity and span.context.trace_flags.sampled:
                 self._count_drop()
-            elif self._dropped_in_burst and time.monotonic() - self._last_drop > 1.0:
+                return  # the newest span is dropped, without the SDK's per-span log record
+            if self._dropped_in_burst and time.monotonic() - self._last_drop > 1.0:
                 self._burst_over()
             super().on_end(span)
         except Exception:  # span.end() runs in the program's code: never raise there
