@@ -135,3 +135,9 @@ def test_library_is_patched_on_first_import_even_with_early_from_import():
     result = run_traced(["python", "-c", code], NO_EXPORT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["patched", "opentelemetry.sdk.trace"], result.stdout + result.stderr
+
+
+def test_readme_documents_every_variable():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for variable in VARIABLES:
+        assert f"`{variable.name}`" in readme, variable.name
