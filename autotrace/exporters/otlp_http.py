@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import os
 import random
 import ssl
 import threading
 import time
+import weakref
 from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
@@ -77,6 +79,19 @@ class OTLPHttpSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._shutdown = threading.Event()
         self.stats = ExportStats()
+        if hasattr(os, "register_at_fork"):
+            weak = weakref.WeakMethod(self._after_fork_in_child)
+            os.register_at_fork(after_in_child=lambda: _call_if_alive(weak))
+
+    def _after_fork_in_child(self) -> None:
+        """The parent's export thread may hold the lock and a half-used connection at the fork."""
+        self._lock = threading.Lock()
+        self._connection = None  # the parent's socket: never reused by the child
+        was_closing = self._shutdown.is_set()
+        self._shutdown = threading.Event()
+        if was_closing:
+            self._shutdown.set()
+        self.stats = ExportStats()  # the child reports only its own losses
 
     # -- SpanExporter ---------------------------------------------------------
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
@@ -191,6 +206,12 @@ class OTLPHttpSpanExporter(SpanExporter):
             except Exception:
                 logger.debug("autotrace: closing the OTLP connection failed", exc_info=True)
             self._connection = None
+
+
+def _call_if_alive(weak_method: Any) -> None:
+    method = weak_method()
+    if method is not None:
+        method()
 
 
 def _protobuf_encoder() -> Callable[[Sequence[Any]], bytes]:
