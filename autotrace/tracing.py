@@ -265,6 +265,12 @@ class _QueueFullFilter(logging.Filter):
 
 
 def build_provider(settings: Settings) -> TracerProvider:
+    # The SDK's TracerProvider submits to a ThreadPoolExecutor in its after-fork
+    # hook. concurrent.futures.thread releases its global lock in forked children
+    # in a hook of its own, which must be registered first -- so import it before
+    # the provider exists, or every prefork child (Celery, gunicorn) deadlocks.
+    import concurrent.futures.thread  # noqa: F401
+
     provider = TracerProvider(
         sampler=build_sampler(settings),
         resource=build_resource(settings),

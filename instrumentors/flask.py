@@ -18,7 +18,6 @@ still pushed), so no extra wrapper is needed on the dispatch path.
 
 from __future__ import annotations
 
-import sys
 from contextvars import ContextVar
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 

@@ -13,7 +13,6 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 import textwrap
 import threading
 import time

@@ -1,4 +1,3 @@
-import subprocess, sys
 from tests.support.processes import run_traced
 
 

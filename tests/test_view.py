@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from autotrace.exporters.otlp_file import OTLPFileSpanExporter
 from autotrace.view import main
