@@ -304,6 +304,32 @@ def _qualified_name(cls: type) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
+def close_span(
+    span: Span,
+    token: Any,
+    site: str,
+    exc: Optional[BaseException] = None,
+    record: Optional[Callable[[Span, BaseException], None]] = None,
+) -> None:
+    """Detach ``token``, record ``exc`` (with ``record``, default :func:`record_exception`), end ``span``.
+
+    The one way every instrumentor ends a span it made current: it never raises
+    into the program, and the span is ended even when recording fails.
+    """
+    try:
+        if token is not None:
+            otel_context.detach(token)
+        if exc is not None:
+            (record or record_exception)(span, exc)
+    except Exception:
+        error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
+    finally:
+        try:
+            span.end()
+        except Exception:
+            error_once(site + ".end", "autotrace: internal error ending a span in %s", site)
+
+
 StartFn = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Optional[Span]]
 FinishFn = Callable[[Span, Any], None]
 
@@ -343,19 +369,10 @@ def traced_call(
             return None, None
 
     def end(span: Span, token: Any, result: Any, exc: Optional[BaseException]) -> None:
-        try:
-            otel_context.detach(token)
-            if exc is not None:
-                record_exception(span, exc)
-            elif finish is not None:
+        if exc is None and finish is not None:
+            with guard(site):
                 finish(span, result)
-        except Exception:
-            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
-        finally:
-            try:
-                span.end()
-            except Exception:
-                error_once(site + ".end", "autotrace: internal error ending a span in %s", site)
+        close_span(span, token, site, exc)
 
     def sync_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         span, token = begin(instance, args, kwargs)

@@ -47,7 +47,7 @@ from opentelemetry.trace import Link, SpanKind
 
 from autotrace._log import error_once
 from autotrace.config import env
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, record_exception
+from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span, guard
 
 LINK_ONLY_ENV = "AUTOTRACE_CELERY_LINK_ONLY"
 
@@ -382,17 +382,7 @@ class CeleryInstrumentor(Instrumentor):
 
     @staticmethod
     def _end(span: Any, token: Any, exc: Optional[BaseException]) -> None:
-        try:
-            _detach(token)
-            if exc is not None:
-                record_exception(span, exc)
-        except Exception:
-            error_once("celery.end", "autotrace: internal error in celery.end")
-        finally:
-            try:
-                span.end()
-            except Exception:
-                error_once("celery.end.span", "autotrace: internal error ending a celery span")
+        close_span(span, token, "celery.end", exc)
 
     def _create_task_sender(self, wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         send_task_message = wrapped(*args, **kwargs)
@@ -639,17 +629,7 @@ def _finish_consume(span: Any, token: Any, result: Any, exc: Optional[BaseExcept
 
 
 def _finish_state(span: Any, token: Any, state: Optional[str], exc: Optional[BaseException]) -> None:
-    try:
-        _detach(token)
-        if span.is_recording():
-            if state:
-                span.set_attribute(STATE, str(state))
-            if exc is not None:
-                record_exception(span, exc)
-    except Exception:
-        error_once("celery.finish", "autotrace: internal error in celery.finish")
-    finally:
-        try:
-            span.end()
-        except Exception:
-            error_once("celery.end.span", "autotrace: internal error ending a celery span")
+    if state:
+        with guard("celery.finish"):
+            span.set_attribute(STATE, str(state))
+    close_span(span, token, "celery.finish", exc)

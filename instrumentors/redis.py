@@ -35,7 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from autotrace._log import error_once
 from autotrace.config import env, semconv_dup
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor
+from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span
 
 CAPTURE_ARGS_ENV = "AUTOTRACE_REDIS_CAPTURE_ARGS"
 
@@ -400,17 +400,8 @@ def _make_wrappers(
             return None
 
     def end(span: Any, token: Any, exc: Optional[BaseException], sensitive: bool = False) -> None:
-        try:
-            _detach(token)
-            if exc is not None:
-                _fail(span, exc, config, sensitive)
-        except Exception:
-            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
-        finally:
-            try:
-                span.end()
-            except Exception:
-                error_once(site + ".end", "autotrace: internal error ending a span in %s", site)
+        record = None if exc is None else (lambda s, e: _fail(s, e, config, sensitive))
+        close_span(span, token, site, exc, record)
 
     def sync_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         if _get_value(SUPPRESS_INSTRUMENTATION_KEY):
