@@ -115,19 +115,12 @@ def _server(origin: str) -> Tuple[Optional[str], Optional[int]]:
 
 def _origin(url: str) -> str:
     """``scheme://host[:port]`` of a URL, userinfo dropped."""
-    start = url.find("://")
-    if start < 0:
-        return ""
-    start += 3
-    end = len(url)
-    for sep in ("/", "?", "#"):
-        index = url.find(sep, start, end)
-        if index >= 0:
-            end = index
-    at = url.rfind("@", start, end)
+    raw = _origin_raw(url)
+    start = raw.find("://") + 3
+    at = raw.rfind("@", start)
     if at >= 0:
-        return url[:start] + url[at + 1 : end]
-    return url[:end]
+        return raw[:start] + raw[at + 1 :]
+    return raw
 
 
 def _caller_is_exporter() -> bool:
@@ -170,6 +163,7 @@ def _exporter_endpoints() -> Tuple[str, ...]:
 
 
 def _origin_raw(url: str) -> str:
+    """``scheme://[userinfo@]host[:port]`` of a URL."""
     start = url.find("://")
     if start < 0:
         return ""
