@@ -22,6 +22,8 @@ _DOUBLE = Struct("<d").pack
 _VARINTS = [bytes([i]) if i < 0x80 else bytes([(i & 0x7F) | 0x80, i >> 7]) for i in range(1 << 14)]
 _MAX_CACHE = 8192
 _HAS_IS_REMOTE = 0x100
+#: ``kind`` field by SDK SpanKind value (INTERNAL=0 ... CONSUMER=4; OTLP counts from 1).
+_KIND_FIELDS = [b"\x30" + bytes([value + 1]) for value in range(5)]
 _IS_REMOTE = 0x200
 
 
@@ -97,9 +99,14 @@ class SpanEncoder:
         """Every attribute as a repeated KeyValue field with ``tag``."""
         if not attributes:
             return b""
+        # The SDK's BoundedAttributes iterates through the Mapping ABC (a
+        # __getitem__ per key); its plain dict is several times faster.
+        plain = getattr(attributes, "_dict", None)
+        if type(plain) is not dict:
+            plain = attributes
         cache = self._pairs
         parts: List[bytes] = []
-        for key, value in attributes.items():
+        for key, value in plain.items():
             try:
                 cacheable = type(value) in (str, int, bool, float)
                 encoded = cache.get((key, value)) if cacheable else None
@@ -175,6 +182,17 @@ class SpanEncoder:
     def span(self, span: Any) -> bytes:
         context = span.context
         parent = span.parent
+        # ReadableSpan's properties copy (attributes into a MappingProxy, events
+        # and links into new tuples) on every access; read the fields once.
+        attributes = getattr(span, "_attributes", None)
+        if attributes is None or not hasattr(attributes, "items"):
+            attributes = span.attributes
+        events = getattr(span, "_events", None)
+        if events is None:
+            events = span.events
+        links = getattr(span, "_links", None)
+        if links is None:
+            links = span.links
         parts = [
             b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
             b"\x12\x08" + context.span_id.to_bytes(8, "big"),
@@ -185,13 +203,13 @@ class SpanEncoder:
         if parent is not None:
             parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
         parts.append(_field(b"\x2a", _text(span.name)))
-        parts.append(b"\x30" + _VARINTS[span.kind.value + 1])
+        parts.append(_KIND_FIELDS[getattr(span.kind, "_value_", None) or span.kind.value])
         parts.append(b"\x39" + _FIXED64(span.start_time or 0))
         parts.append(b"\x41" + _FIXED64(span.end_time or 0))
-        parts.append(self.attributes(b"\x4a", span.attributes))
+        parts.append(self.attributes(b"\x4a", attributes))
         if span.dropped_attributes:
             parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in span.events:
+        for event in events if events else ():
             body = b"\x09" + _FIXED64(event.timestamp or 0) + _field(b"\x12", _text(event.name))
             body += self.attributes(b"\x1a", event.attributes)
             if event.dropped_attributes:
@@ -199,7 +217,7 @@ class SpanEncoder:
             parts.append(_field(b"\x5a", body))
         if span.dropped_events:
             parts.append(b"\x60" + _varint(span.dropped_events))
-        for link in span.links:
+        for link in links if links else ():
             link_context = link.context
             body = b"\x0a\x10" + link_context.trace_id.to_bytes(16, "big")
             body += b"\x12\x08" + link_context.span_id.to_bytes(8, "big")
@@ -215,8 +233,11 @@ class SpanEncoder:
             body = b""
             if status.description:
                 body += _field(b"\x12", _text(status.description))
-            if status.status_code.value:
-                body += b"\x18" + _VARINTS[status.status_code.value]
+            code = getattr(status.status_code, "_value_", None)
+            if code is None:
+                code = status.status_code.value
+            if code:
+                body += b"\x18" + _VARINTS[code]
             parts.append(_field(b"\x7a", body))
         flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
         parts.append(b"\x85\x01" + _FIXED32(flags))
@@ -225,3 +246,4 @@ class SpanEncoder:
 
 def make_encoder() -> Callable[[Sequence[Any]], bytes]:
     return SpanEncoder()
+
