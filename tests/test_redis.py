@@ -18,11 +18,12 @@ from typing import Any, Iterator, List
 
 import pytest
 
+
 from autotrace.instrumentation import is_wrapped, suppressed
 from autotrace.instrumentors.redis import RedisInstrumentor
 from tests.support.processes import free_port, run_traced
 from tests.support.receiver import OTLPReceiver
-from tests.support.services import REDIS, require
+from tests.support.services import REDIS, in_ci, require
 
 redis = pytest.importorskip("redis")
 pytest.importorskip("redis.client")
@@ -659,7 +660,10 @@ def _stop_process(process: Any) -> None:
 def cluster_port() -> Iterator[int]:
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("redis-server binary not installed: no cluster-mode server to start")
+        message = "redis-server binary not installed: no cluster-mode server to start"
+        if in_ci():
+            pytest.fail(message + " (CI=true: a missing service is a failure)", pytrace=False)
+        pytest.skip(message)
     workdir = tempfile.mkdtemp(prefix="autotrace-redis-cluster-")
     try:
         for _ in range(3):
