@@ -5,7 +5,6 @@ upstream instruments, so the spans per op are the server side only.
 """
 import http.client
 import threading
-import time
 
 import uvicorn
 from fastapi import FastAPI
