@@ -86,3 +86,19 @@ def test_encoder_is_faster_than_upstream():
     theirs = (time.perf_counter() - start) / 5 / 512 * 1e6
     print(f"encoding: autotrace {ours:.1f} us/span, upstream {theirs:.1f} us/span")
     assert ours < theirs
+
+
+def test_resource_updated_in_place_after_fork_is_re_encoded():
+    """tracing._update_pid_after_fork swaps the Resource's attributes in place; the cache must notice."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    resource = Resource({"service.name": "svc", "process.pid": 1})
+    tp, exporter = provider(resource)
+    tp.get_tracer("t").start_span("s").end()
+    encoder = SpanEncoder()
+    spans = exporter.get_finished_spans()
+    first = ExportTraceServiceRequest.FromString(encoder(spans))
+    resource._attributes = BoundedAttributes(attributes={"service.name": "svc", "process.pid": 2}, immutable=True)
+    second = ExportTraceServiceRequest.FromString(encoder(spans))
+    pid = lambda request: {kv.key: kv.value.int_value for kv in request.resource_spans[0].resource.attributes}["process.pid"]
+    assert (pid(first), pid(second)) == (1, 2)

@@ -348,10 +348,10 @@ def test_with_the_sdk_batch_processor_and_threads():
 
 def _tree_entry_point_env(tmp_path: Path) -> dict:
     """Declare the exporter entry points in a throwaway dist-info when the install does not yet."""
-    from importlib.metadata import entry_points
+    from autotrace.plugins import _entry_points
 
     env = {}
-    if not any(ep.name == "tree" for ep in entry_points(group="opentelemetry_traces_exporter")):
+    if not any(ep.name == "tree" for ep in _entry_points("opentelemetry_traces_exporter")):
         info = tmp_path / "site" / "autotrace_tree_test-0.dist-info"
         info.mkdir(parents=True)
         (info / "METADATA").write_text("Metadata-Version: 2.1\nName: autotrace-tree-test\nVersion: 0\n")

@@ -88,7 +88,7 @@ class SpanEncoder:
 
     def __init__(self) -> None:
         self._pairs: Dict[Tuple[str, Any], bytes] = {}
-        self._resources: Dict[int, Tuple[Any, bytes]] = {}
+        self._resources: Dict[int, Tuple[Any, Any, bytes]] = {}
         self._scopes: Dict[int, Tuple[Any, bytes]] = {}
 
     def __call__(self, spans: Sequence[Any]) -> bytes:
@@ -123,12 +123,15 @@ class SpanEncoder:
 
     # -- containers ----------------------------------------------------------------
     def _resource(self, resource: Any) -> bytes:
+        # Keyed on the attributes object too: after a fork the pid is updated in
+        # place (a new attributes object on the same Resource).
+        attributes = resource.attributes if resource is not None else None
         cached = self._resources.get(id(resource))
-        if cached is not None and cached[0] is resource:
-            return cached[1]
-        body = self.attributes(b"\x0a", resource.attributes) if resource is not None else b""
+        if cached is not None and cached[0] is resource and cached[1] is attributes:
+            return cached[2]
+        body = self.attributes(b"\x0a", attributes) if resource is not None else b""
         encoded = _field(b"\x0a", body)
-        self._resources[id(resource)] = (resource, encoded)
+        self._resources[id(resource)] = (resource, attributes, encoded)
         return encoded
 
     def _scope(self, scope: Any) -> bytes:
