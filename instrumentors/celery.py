@@ -341,13 +341,7 @@ class CeleryInstrumentor(Instrumentor):
         try:
             name = args[0] if args else kwargs["name"]
             span_name, base = self._publish_base(app, str(name))
-            attributes = dict(base)
-            task_id = kwargs.get("task_id")
-            if task_id:
-                attributes[MESSAGE_ID] = str(task_id)
-            retries = kwargs.get("retries")
-            if retries:
-                attributes[RETRY_COUNT] = retries
+            attributes = _call_attributes(base, kwargs)
             beat = ctx.get(_BEAT_KEY)
             if beat is not None:
                 attributes[BEAT_ENTRY] = beat
@@ -371,7 +365,7 @@ class CeleryInstrumentor(Instrumentor):
             self._end(span, token, exc)
             raise
         try:
-            if task_id is None and span.is_recording():
+            if MESSAGE_ID not in attributes and span.is_recording():
                 result_id = getattr(result, "id", None)
                 if result_id:
                     span.set_attribute(MESSAGE_ID, str(result_id))
@@ -487,13 +481,8 @@ class CeleryInstrumentor(Instrumentor):
             return wrapped(*args, **kwargs)
         try:
             span_name, base = self._consume_base(task)
-            attributes = dict(base)
+            attributes = _call_attributes(base, kwargs)
             task_id = kwargs.get("task_id")
-            if task_id:
-                attributes[MESSAGE_ID] = str(task_id)
-            retries = kwargs.get("retries")
-            if retries:
-                attributes[RETRY_COUNT] = retries
             # Baggage and other values carry on; suppression set by Celery machinery does not.
             values = {k: v for k, v in ctx.items() if k is not SUPPRESS_INSTRUMENTATION_KEY and k is not _INTERNAL_KEY}
             span = self.tracer.start_span(span_name, context=ctx, kind=_CONSUMER, attributes=attributes)
@@ -626,6 +615,18 @@ def _finish_consume(span: Any, token: Any, result: Any, exc: Optional[BaseExcept
     except Exception:
         error_once("celery.consume.end", "autotrace: internal error in celery.consume.end")
     _finish_state(span, token, state, failure)
+
+
+def _call_attributes(base: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The cached per-task attributes plus this call's task id and retry count."""
+    attributes = dict(base)
+    task_id = kwargs.get("task_id")
+    if task_id:
+        attributes[MESSAGE_ID] = str(task_id)
+    retries = kwargs.get("retries")
+    if retries:
+        attributes[RETRY_COUNT] = retries
+    return attributes
 
 
 def _finish_state(span: Any, token: Any, state: Optional[str], exc: Optional[BaseException]) -> None:
