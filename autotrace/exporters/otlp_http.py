@@ -6,7 +6,7 @@ it), and its calls would pass through our own requests instrumentation. This
 exporter speaks the same protocol with ``http.client`` (keep-alive connection,
 gzip, TLS and mTLS, the OTLP retry rules: 429/502/503/504 with exponential
 backoff and ``Retry-After``) and encodes with :mod:`autotrace.exporters.encoding`
-(same bytes as upstream's encoder, about four times faster).
+(the same message as upstream's encoder, several times faster).
 
 A collector that is down or failing is reported by one warning naming the
 endpoint, repeated at most once a minute while it lasts, never a traceback.
