@@ -223,6 +223,7 @@ class Settings(NamedTuple):
     log_correlation: bool = False
     semconv_opt_in: FrozenSet[str] = frozenset()
     shutdown_timeout_ms: float = 5000
+    direct_export: bool = True
     upstream_plugins: bool = True
     invalid_variables: FrozenSet[str] = frozenset()
 
@@ -356,6 +357,7 @@ def load_settings(environ: Optional[Mapping[str, str]] = None) -> Settings:
         semconv_opt_in=frozenset(env.names("OTEL_SEMCONV_STABILITY_OPT_IN")),
         shutdown_timeout_ms=env.number("AUTOTRACE_SHUTDOWN_TIMEOUT", 5000.0, float, minimum=0),
         upstream_plugins=env.flag("AUTOTRACE_UPSTREAM_PLUGINS", True),
+        direct_export=env.flag("AUTOTRACE_DIRECT_EXPORT", True),
     )
     return settings._replace(invalid_variables=frozenset(env.invalid))
 

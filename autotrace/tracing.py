@@ -13,7 +13,6 @@ import platform
 import socket
 import sys
 import threading
-import time
 from typing import Any, Dict, List, Optional
 
 from opentelemetry import trace
@@ -22,13 +21,14 @@ from opentelemetry.sdk.trace import SpanLimits, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from autotrace import __version__
-from autotrace._log import error_once, logger, warn_every, warn_once
+from autotrace._log import error_once, logger, warn_once
 from autotrace.config import Settings
 from autotrace.exporters import build_exporters
+from autotrace.queue_drops import DropCounter
 
 _provider: Optional[TracerProvider] = None
 _exporters: List[Any] = []
-_processors: List["CountingBatchSpanProcessor"] = []
+_processors: List[Any] = []
 _shut_down = False
 
 
@@ -212,49 +212,25 @@ def build_limits(settings: Settings) -> SpanLimits:
     )
 
 
-class CountingBatchSpanProcessor(BatchSpanProcessor):
-    """A BatchSpanProcessor that counts the spans it drops when its queue is full.
-
-    The SDK logs one terse line per dropped span; here the user gets a warning
-    when a burst starts dropping (at most once a minute), one when it is over
-    with the count, and the total at exit.
-    """
+class CountingBatchSpanProcessor(BatchSpanProcessor, DropCounter):
+    """The SDK's BatchSpanProcessor (for exporters other than our OTLP/HTTP one), counting its drops."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dropped = 0
-        self._dropped_in_burst = 0
-        self._last_drop = 0.0
+        BatchSpanProcessor.__init__(self, *args, **kwargs)
+        DropCounter.__init__(self, kwargs.get("max_queue_size") or 0)
         self._queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        self._capacity = kwargs.get("max_queue_size") or 0
 
     def on_end(self, span: Any) -> None:
         try:
             queue = self._queue
-            if queue is not None and len(queue) >= self._capacity and span.context.trace_flags.sampled:
-                self._count_drop()
+            if queue is not None and len(queue) >= self.capacity and span.context.trace_flags.sampled:
+                self.count_drop()
                 return  # the newest span is dropped, without the SDK's per-span log record
-            if self._dropped_in_burst and time.monotonic() - self._last_drop > 1.0:
-                self._burst_over()
+            if self.dropped_in_burst:
+                self.check_burst_over()
             super().on_end(span)
         except Exception:  # span.end() runs in the program's code: never raise there
             error_once("processor.on_end", "autotrace: internal error while queueing a span")
-
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        self._dropped_in_burst += 1
-        self._last_drop = time.monotonic()
-        warn_every(
-            "queue-full",
-            60.0,
-            "autotrace: spans are produced faster than they can be exported; the queue is full "
-            "(OTEL_BSP_MAX_QUEUE_SIZE=%d) and new spans are dropped",
-            self._capacity,
-        )
-
-    def _burst_over(self) -> None:
-        count, self._dropped_in_burst = self._dropped_in_burst, 0
-        logger.warning("autotrace: the span queue has room again; %d spans were dropped during the burst", count)
 
 
 class _QueueFullFilter(logging.Filter):
@@ -279,17 +255,28 @@ def build_provider(settings: Settings) -> TracerProvider:
     )
     for exporter in build_exporters(settings):
         _exporters.append(exporter)
-        processor = CountingBatchSpanProcessor(
-            exporter,
-            max_queue_size=settings.bsp_max_queue_size,
-            schedule_delay_millis=settings.bsp_schedule_delay_ms,
-            max_export_batch_size=settings.bsp_max_export_batch_size,
-            export_timeout_millis=settings.bsp_export_timeout_ms,
-        )
+        processor = _processor_for(exporter, settings)
         _processors.append(processor)
         provider.add_span_processor(processor)
     logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_QueueFullFilter())
     return provider
+
+
+def _processor_for(exporter: Any, settings: Settings) -> Any:
+    """Our OTLP/HTTP exporter gets the direct processor; every other exporter the SDK's batch processor."""
+    options = dict(
+        max_queue_size=settings.bsp_max_queue_size,
+        schedule_delay_millis=settings.bsp_schedule_delay_ms,
+        max_export_batch_size=settings.bsp_max_export_batch_size,
+        export_timeout_millis=settings.bsp_export_timeout_ms,
+    )
+    from autotrace.exporters.otlp_http import OTLPHttpSpanExporter
+
+    if settings.direct_export and isinstance(exporter.exporter, OTLPHttpSpanExporter):
+        from autotrace.exporters.direct import DirectOTLPSpanProcessor
+
+        return DirectOTLPSpanProcessor(exporter.exporter, **options)
+    return CountingBatchSpanProcessor(exporter, **options)
 
 
 def shutdown(timeout_s: Optional[float] = None) -> bool:

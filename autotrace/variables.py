@@ -68,6 +68,7 @@ VARIABLES: List[Variable] = [
     Variable("AUTOTRACE_FORCE_INSTRUMENTATIONS", "", "instrument these even when the library version is outside the supported range (names, or *)"),
     Variable("AUTOTRACE_REDACT_QUERY_PARAMS", "", "extra query parameter names whose values are redacted in URLs"),
     Variable("AUTOTRACE_CAPTURE_RAW_URLS", "false", "true: do not redact query values (userinfo is always removed)"),
+    Variable("AUTOTRACE_DIRECT_EXPORT", "true", "OTLP/HTTP: encode spans as they end and send full batches from the program's thread without waiting; false: the SDK's batch thread does it all"),
     Variable("AUTOTRACE_SHUTDOWN_TIMEOUT", "5000", "ms the exit flush may take before giving up"),
     Variable("AUTOTRACE_UPSTREAM_PLUGINS", "true", "false: do not activate installed opentelemetry_instrumentor plugins"),
 ]

@@ -150,17 +150,23 @@ class SpanEncoder:
         return encoded
 
     def encode(self, spans: Sequence[Any]) -> bytes:
+        return self.request([self.span_entry(span) for span in spans])
+
+    def span_entry(self, span: Any) -> Tuple[Tuple[Any, Any], bytes]:
+        """``((resource, scope), encoded Span field)``: what :meth:`request` assembles."""
+        return (span.resource, span.instrumentation_scope), _field(b"\x12", self.span(span))
+
+    def request(self, entries: Sequence[Tuple[Tuple[Any, Any], bytes]]) -> bytes:
+        """An ExportTraceServiceRequest from :meth:`span_entry` results, grouped by resource and scope."""
         grouped: Dict[int, Tuple[Any, Dict[int, Tuple[Any, List[bytes]]]]] = {}
-        for span in spans:
-            resource = span.resource
-            scope = span.instrumentation_scope
+        for (resource, scope), encoded in entries:
             by_scope = grouped.get(id(resource))
             if by_scope is None:
                 by_scope = grouped[id(resource)] = (resource, {})
             entry = by_scope[1].get(id(scope))
             if entry is None:
                 entry = by_scope[1][id(scope)] = (scope, [])
-            entry[1].append(_field(b"\x12", self.span(span)))
+            entry[1].append(encoded)
         out = []
         for resource, scopes in grouped.values():
             scope_parts = []
