@@ -277,7 +277,9 @@ class Instrumentor:
     @property
     def tracer(self) -> trace.Tracer:
         if self._tracer is None:
-            self._tracer = trace.get_tracer(f"autotrace.instrumentors.{self.name}", __version__)
+            from autotrace.spans import starter_for
+
+            self._tracer = starter_for(trace.get_tracer(f"autotrace.instrumentors.{self.name}", __version__))[0]
         return self._tracer
 
     def reset_tracer(self) -> None:

@@ -25,6 +25,12 @@ _HAS_IS_REMOTE = 0x100
 #: ``kind`` field by SDK SpanKind value (INTERNAL=0 ... CONSUMER=4; OTLP counts from 1).
 _KIND_FIELDS = [b"\x30" + bytes([value + 1]) for value in range(5)]
 _IS_REMOTE = 0x200
+_TIMES = Struct("<BQBQ").pack  # start_time_unix_nano and end_time_unix_nano, tags included
+#: The flags field: span flags say whether the parent is remote.
+_PARENT_LOCAL = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_PARENT_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
+#: The status field without a description, by status code (UNSET, OK, ERROR).
+_STATUS_FIELDS = [b"\x7a\x00", b"\x7a\x02\x18\x01", b"\x7a\x02\x18\x02"]
 
 
 def _varint(value: int) -> bytes:
@@ -90,6 +96,7 @@ class SpanEncoder:
         self._pairs: Dict[Tuple[str, Any], bytes] = {}
         self._resources: Dict[int, Tuple[Any, Any, bytes]] = {}
         self._scopes: Dict[int, Tuple[Any, bytes]] = {}
+        self._names: Dict[str, bytes] = {}
 
     def __call__(self, spans: Sequence[Any]) -> bytes:
         return self.encode(spans)
@@ -154,7 +161,12 @@ class SpanEncoder:
 
     def span_entry(self, span: Any) -> Tuple[Tuple[Any, Any], bytes]:
         """``((resource, scope), encoded Span field)``: what :meth:`request` assembles."""
-        return (span.resource, span.instrumentation_scope), _field(b"\x12", self.span(span))
+        fields = getattr(span, "__dict__", None)
+        if fields is not None and "_resource" in fields and "_instrumentation_scope" in fields:
+            group = (fields["_resource"], fields["_instrumentation_scope"])
+        else:
+            group = (span.resource, span.instrumentation_scope)
+        return group, _field(b"\x12", self.span(span))
 
     def request(self, entries: Sequence[Tuple[Tuple[Any, Any], bytes]]) -> bytes:
         """An ExportTraceServiceRequest from :meth:`span_entry` results, grouped by resource and scope."""
@@ -189,68 +201,88 @@ class SpanEncoder:
 
     # -- one span -----------------------------------------------------------------
     def span(self, span: Any) -> bytes:
-        context = span.context
-        parent = span.parent
         # ReadableSpan's properties copy (attributes into a MappingProxy, events
-        # and links into new tuples) on every access; read the fields once.
-        attributes = getattr(span, "_attributes", None)
-        if attributes is None or not hasattr(attributes, "items"):
-            attributes = span.attributes
-        events = getattr(span, "_events", None)
-        if events is None:
-            events = span.events
-        links = getattr(span, "_links", None)
-        if links is None:
-            links = span.links
+        # and links into new tuples) on every access: read its fields directly
+        # where they are where we expect them, else through the properties.
+        try:
+            fields = span.__dict__
+            context = fields["_context"]
+            parent = fields["_parent"]
+            name = fields["_name"]
+            kind = fields["_kind"]
+            start_time = fields["_start_time"]
+            end_time = fields["_end_time"]
+            attributes = fields["_attributes"]
+            events = fields["_events"]
+            links = fields["_links"]
+            status = fields["_status"]
+        except (AttributeError, KeyError):
+            context, parent, name, kind = span.context, span.parent, span.name, span.kind
+            start_time, end_time, status = span.start_time, span.end_time, span.status
+            attributes, events, links = span.attributes, span.events, span.links
         parts = [
-            b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + context.span_id.to_bytes(8, "big"),
+            b"\x0a\x10",
+            context.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            context.span_id.to_bytes(8, "big"),
         ]
         trace_state = context.trace_state
         if trace_state:
             parts.append(_field(b"\x1a", _text(",".join(f"{k}={v}" for k, v in trace_state.items()))))
         if parent is not None:
-            parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        parts.append(_field(b"\x2a", _text(span.name)))
-        parts.append(_KIND_FIELDS[getattr(span.kind, "_value_", None) or span.kind.value])
-        parts.append(b"\x39" + _FIXED64(span.start_time or 0))
-        parts.append(b"\x41" + _FIXED64(span.end_time or 0))
-        parts.append(self.attributes(b"\x4a", attributes))
-        if span.dropped_attributes:
-            parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in events if events else ():
-            body = b"\x09" + _FIXED64(event.timestamp or 0) + _field(b"\x12", _text(event.name))
-            body += self.attributes(b"\x1a", event.attributes)
-            if event.dropped_attributes:
-                body += b"\x20" + _varint(event.dropped_attributes)
-            parts.append(_field(b"\x5a", body))
-        if span.dropped_events:
-            parts.append(b"\x60" + _varint(span.dropped_events))
-        for link in links if links else ():
-            link_context = link.context
-            body = b"\x0a\x10" + link_context.trace_id.to_bytes(16, "big")
-            body += b"\x12\x08" + link_context.span_id.to_bytes(8, "big")
-            body += self.attributes(b"\x22", link.attributes)
-            if link.dropped_attributes:
-                body += b"\x28" + _varint(link.dropped_attributes)
-            body += b"\x35" + _FIXED32(_HAS_IS_REMOTE | (_IS_REMOTE if link_context.is_remote else 0))
-            parts.append(_field(b"\x6a", body))
-        if span.dropped_links:
-            parts.append(b"\x70" + _varint(span.dropped_links))
-        status = span.status
+            parts.append(b"\x22\x08")
+            parts.append(parent.span_id.to_bytes(8, "big"))
+        encoded_name = self._names.get(name)
+        if encoded_name is None:
+            encoded_name = _field(b"\x2a", _text(name))
+            if len(self._names) >= _MAX_CACHE:
+                self._names.clear()
+            self._names[name] = encoded_name
+        parts.append(encoded_name)
+        parts.append(_KIND_FIELDS[getattr(kind, "_value_", None) or kind.value])
+        parts.append(_TIMES(0x39, start_time or 0, 0x41, end_time or 0))
+        if attributes:
+            parts.append(self.attributes(b"\x4a", attributes))
+        dropped = getattr(attributes, "dropped", 0)
+        if dropped:
+            parts.append(b"\x50" + _varint(dropped))
+        if events:
+            for event in events:
+                body = b"\x09" + _FIXED64(event.timestamp or 0) + _field(b"\x12", _text(event.name))
+                body += self.attributes(b"\x1a", event.attributes)
+                if event.dropped_attributes:
+                    body += b"\x20" + _varint(event.dropped_attributes)
+                parts.append(_field(b"\x5a", body))
+        dropped = getattr(events, "dropped", 0)
+        if dropped:
+            parts.append(b"\x60" + _varint(dropped))
+        if links:
+            for link in links:
+                link_context = link.context
+                body = b"\x0a\x10" + link_context.trace_id.to_bytes(16, "big")
+                body += b"\x12\x08" + link_context.span_id.to_bytes(8, "big")
+                body += self.attributes(b"\x22", link.attributes)
+                if link.dropped_attributes:
+                    body += b"\x28" + _varint(link.dropped_attributes)
+                body += b"\x35" + _FIXED32(_HAS_IS_REMOTE | (_IS_REMOTE if link_context.is_remote else 0))
+                parts.append(_field(b"\x6a", body))
+        dropped = getattr(links, "dropped", 0)
+        if dropped:
+            parts.append(b"\x70" + _varint(dropped))
         if status is not None:
-            body = b""
-            if status.description:
-                body += _field(b"\x12", _text(status.description))
-            code = getattr(status.status_code, "_value_", None)
-            if code is None:
-                code = status.status_code.value
-            if code:
-                body += b"\x18" + _VARINTS[code]
-            parts.append(_field(b"\x7a", body))
-        flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-        parts.append(b"\x85\x01" + _FIXED32(flags))
+            parts.append(self._status(status))
+        parts.append(_PARENT_REMOTE if parent is not None and parent.is_remote else _PARENT_LOCAL)
         return b"".join(parts)
+
+    @staticmethod
+    def _status(status: Any) -> bytes:
+        description = status.description
+        code = getattr(status.status_code, "_value_", None)
+        if code is None:
+            code = status.status_code.value
+        if not description:
+            return _STATUS_FIELDS[code]
+        return _field(b"\x7a", _field(b"\x12", _text(description)) + (b"\x18" + _VARINTS[code] if code else b""))
 
 
 def make_encoder() -> Callable[[Sequence[Any]], bytes]:

@@ -1,0 +1,122 @@
+"""SpanStarter: our instrumentors' spans skip the SDK's attribute re-checks only where that cannot show."""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanKind
+
+from autotrace.spans import SpanStarter, starter_for
+
+ATTRIBUTES = {"db.system.name": "redis", "server.port": 6379, "ratio": 0.5, "cached": True, "db.query.text": "GET ?"}
+
+
+def setup(**provider_options: Any) -> Tuple[Any, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(**provider_options)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def test_fast_spans_are_the_sdks_spans_with_the_same_attributes() -> None:
+    provider, exporter = setup()
+    tracer = provider.get_tracer("t")
+    starter, fast = starter_for(tracer)
+    assert fast
+    tracer.start_span("GET", kind=SpanKind.CLIENT, attributes=dict(ATTRIBUTES)).end()
+    span = starter.start_span("GET", kind=SpanKind.CLIENT, attributes=dict(ATTRIBUTES))
+    assert type(span) is type(tracer.start_span("x"))
+    span.set_attribute("late", 1)
+    span.end()
+    span.set_attribute("after.end", 1)  # ignored, as on any ended SDK span
+    slow, quick = exporter.get_finished_spans()
+    assert dict(quick.attributes) == dict(ATTRIBUTES, late=1)
+    assert dict(slow.attributes) == ATTRIBUTES
+    assert quick.dropped_attributes == 0
+    assert quick.kind is SpanKind.CLIENT and quick.name == "GET"
+
+
+def test_the_caller_dict_is_not_shared() -> None:
+    provider, exporter = setup()
+    starter = SpanStarter(provider.get_tracer("t"))
+    mine = dict(ATTRIBUTES)
+    span = starter.start_span("GET", attributes=mine)
+    span.set_attribute("extra", 1)
+    span.end()
+    assert "extra" not in mine
+
+
+class RecordingSampler(sampling.Sampler):
+    def __init__(self) -> None:
+        self.seen: List[Any] = []
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):  # type: ignore[no-untyped-def]
+        self.seen.append(dict(attributes or {}))
+        return sampling.SamplingResult(sampling.Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "recording"
+
+
+def test_a_custom_sampler_still_sees_the_attributes() -> None:
+    sampler = RecordingSampler()
+    provider, exporter = setup(sampler=sampler)
+    starter, fast = starter_for(provider.get_tracer("t"))
+    assert not fast
+    starter.start_span("GET", attributes=dict(ATTRIBUTES)).end()
+    assert sampler.seen == [ATTRIBUTES]
+
+
+class ReadsOnStart(SpanProcessor):
+    def __init__(self) -> None:
+        self.seen: List[Any] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.seen.append(dict(span.attributes))
+
+
+def test_a_processor_that_reads_on_start_sees_the_attributes_even_if_added_later() -> None:
+    provider, exporter = setup()
+    starter = SpanStarter(provider.get_tracer("t"))
+    starter.start_span("first", attributes=dict(ATTRIBUTES)).end()  # fast
+    reader = ReadsOnStart()
+    provider.add_span_processor(reader)
+    starter.start_span("second", attributes=dict(ATTRIBUTES)).end()
+    assert reader.seen == [ATTRIBUTES]
+
+
+def test_limits_and_unusual_values_go_through_the_sdk(caplog: Any) -> None:
+    provider, exporter = setup(span_limits=SpanLimits(max_span_attributes=2))
+    starter = SpanStarter(provider.get_tracer("t"))
+    starter.start_span("many", attributes=dict(ATTRIBUTES)).end()
+    provider2, exporter2 = setup(span_limits=SpanLimits(max_span_attribute_length=3))
+    SpanStarter(provider2.get_tracer("t")).start_span("long", attributes={"k": "abcdef"}).end()
+    provider3, exporter3 = setup()
+    SpanStarter(provider3.get_tracer("t")).start_span("seq", attributes={"k": ["a", "b"], "n": None}).end()
+    (many,) = exporter.get_finished_spans()
+    assert len(many.attributes) == 2 and many.dropped_attributes == 3
+    (long,) = exporter2.get_finished_spans()
+    assert long.attributes["k"] == "abc"
+    (seq,) = exporter3.get_finished_spans()
+    assert seq.attributes["k"] == ("a", "b")
+
+
+def test_not_sampled_and_other_tracer_calls() -> None:
+    provider, exporter = setup(sampler=sampling.ALWAYS_OFF)
+    starter = SpanStarter(provider.get_tracer("t"))
+    span = starter.start_span("GET", attributes=dict(ATTRIBUTES))
+    assert isinstance(span, NonRecordingSpan)
+    span.end()
+    with starter.start_as_current_span("delegated") as inner:
+        assert not inner.is_recording()
+    assert exporter.get_finished_spans() == ()
+
+
+def test_api_only_tracer_is_left_alone() -> None:
+    from opentelemetry.trace import NoOpTracer
+
+    tracer = NoOpTracer()
+    assert starter_for(tracer) == (tracer, False)
