@@ -62,8 +62,36 @@ def _initialize() -> None:
     from autotrace._importhook import when_imported
 
     # Code that uses the OpenTelemetry API directly gets the SDK as it imports it.
-    when_imported("opentelemetry.trace", lambda module: ensure_sdk())
+    for name in _SDK_TRIGGERS:
+        when_imported(name, _sdk_when_settled)
     plugins.activate(settings)
+
+
+#: The API, and the SDK modules a program may import first (they import the
+#: API half-way through their own import).
+_SDK_TRIGGERS = (
+    "opentelemetry.trace",
+    "opentelemetry.sdk.trace",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.resources",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+)
+
+
+def _sdk_when_settled(module: Any) -> None:
+    """Set up the SDK unless an OpenTelemetry module is still half-imported.
+
+    ``from opentelemetry.sdk.trace import TracerProvider`` as a program's first
+    import loads the API in the middle of the SDK's own import: setting up
+    then would import a half-made module. The outer module's hook comes later.
+    """
+    for name, loaded in list(sys.modules.items()):
+        if loaded is module or not name.startswith("opentelemetry"):
+            continue  # the module whose hook this is counts as imported
+        if getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+            return
+    ensure_sdk()
 
 
 def ensure_sdk() -> None:

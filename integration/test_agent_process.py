@@ -41,6 +41,24 @@ def test_spans_are_exported_over_otlp(receiver, protocol):
     assert receiver.headers[0]["x-tenant"] == "acme"
 
 
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "from opentelemetry.sdk.trace.export import BatchSpanProcessor",
+        "from opentelemetry.sdk.trace import TracerProvider",
+        "from opentelemetry.sdk.resources import Resource",
+        "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter",
+    ],
+)
+def test_a_program_importing_the_sdk_first_is_traced(receiver, first_import):
+    # The SDK imports the API half-way through its own import: setting up then failed.
+    code = first_import + "\n" + MANUAL_SPAN.format(name="after-sdk-import")
+    result = run_traced(["python", "-c", code], receiver.env())
+    assert result.returncode == 0, result.stderr
+    assert "failed" not in result.stderr, result.stderr
+    assert receiver.wait_for_count(1)[0].name == "after-sdk-import"
+
+
 def test_gzip_compression(receiver):
     env = dict(receiver.env(), OTEL_EXPORTER_OTLP_COMPRESSION="gzip")
     assert run_traced(["python", "-c", MANUAL_SPAN.format(name="zipped")], env).returncode == 0
