@@ -9,12 +9,23 @@ limit, and only span processors that ignore ``on_start`` -- the span is started
 without attributes and they are put into its attribute dict directly. In every
 other case the call goes to the SDK unchanged. The span is the SDK's own
 object either way.
+
+Beyond that, when the installed SDK lays its spans out exactly as
+:class:`_SpanFactory` expects -- checked once per tracer by building a span
+both ways and comparing every field -- a sampled span is made by copying the
+fields of a prototype span and setting the per-span ones, instead of running
+the SDK's constructors (another ~3 us). Any difference, an unknown SDK version
+or an unusual call, and the SDK's ``start_span`` runs as it is.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import threading
+from collections import deque
+from time import time_ns
+from typing import Any, Dict, Optional, Tuple
 
+from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind
 
 _PLAIN = frozenset({str, int, float, bool})
@@ -45,14 +56,132 @@ def _on_start_free(processor: Any) -> bool:
     )
 
 
+_ATTRIBUTE_FIELDS = {"_dict", "maxlen", "dropped", "max_value_len", "_lock", "_immutable"}
+_LIST_FIELDS = {"dropped", "_dq", "_lock"}
+#: Span fields set per span; every other field is the same for all spans of a tracer.
+_PER_SPAN = {"_name", "_context", "_parent", "_kind", "_start_time", "_end_time", "_attributes", "_events",
+             "_links", "_lock", "_status", "_record_end_metrics"}
+
+
+class _SpanFactory:
+    """Makes sampled SDK spans by copying a prototype's fields (see the module docstring)."""
+
+    __slots__ = ("_tracer", "_class", "_shared", "_attribute_template", "_events_maxlen", "_links_maxlen",
+                 "_maxlen", "_sampled", "_random_flag", "_metrics", "_status", "_attributes_class", "_list_class")
+
+    def __init__(self, tracer: Any, maxlen: int) -> None:
+        from opentelemetry.sdk.trace import sampling
+
+        self._tracer = tracer
+        self._maxlen = maxlen
+        prototype = tracer.start_span("autotrace.prototype")  # processors ignore on_start; never ended
+        fields = dict(prototype.__dict__)
+        if not _PER_SPAN - {"_record_end_metrics"} <= set(fields) or set(fields["_attributes"].__dict__) != _ATTRIBUTE_FIELDS:
+            raise LookupError("unexpected span layout")
+        for name in ("_events", "_links"):
+            if set(fields[name].__dict__) != _LIST_FIELDS:
+                raise LookupError("unexpected list layout")
+        self._class = type(prototype)
+        self._attributes_class = type(fields["_attributes"])
+        self._list_class = type(fields["_events"])
+        self._shared = {k: v for k, v in fields.items() if k not in _PER_SPAN}
+        self._attribute_template = dict(fields["_attributes"].__dict__)
+        self._events_maxlen = fields["_events"]._dq.maxlen
+        self._links_maxlen = fields["_links"]._dq.maxlen
+        self._status = fields["_status"]
+        self._sampled = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED)
+        random_flag = getattr(trace_api.TraceFlags, "RANDOM_TRACE_ID", None)
+        self._random_flag = random_flag if random_flag is not None and hasattr(tracer.id_generator, "is_trace_id_random") else None
+        self._metrics = getattr(tracer, "_tracer_metrics", None)
+        self._check(sampling)
+
+    def _check(self, sampling: Any) -> None:
+        """Build spans both ways (root and child) and require every field to match."""
+        tracer = self._tracer
+        attributes = {"k": "v", "n": 1}
+        parent = tracer.start_span("parent")
+        for context in (None, trace_api.set_span_in_context(parent)):
+            ours = self.start(tracer, "check", context, SpanKind.CLIENT, attributes)
+            theirs = tracer.start_span("check", context, SpanKind.CLIENT, attributes)
+            if ours is None or set(ours.__dict__) != set(theirs.__dict__):
+                raise LookupError("span fields differ")
+            for name, value in theirs.__dict__.items():
+                mine = ours.__dict__[name]
+                if name == "_context":
+                    same = (mine.trace_flags, mine.trace_state, mine.is_remote) == (value.trace_flags, value.trace_state, value.is_remote)
+                elif name in ("_start_time", "_lock", "_record_end_metrics"):
+                    same = type(mine) is type(value)
+                elif name in ("_attributes", "_events", "_links"):
+                    same = type(mine) is type(value) and dict(mine.__dict__, _lock=None, _dq=None) == dict(value.__dict__, _lock=None, _dq=None)
+                    if same and name != "_attributes":
+                        same = mine._dq.maxlen == value._dq.maxlen
+                else:
+                    same = mine == value
+                if not same:
+                    raise LookupError(f"span field {name} differs")
+
+    def start(self, tracer: Any, name: str, context: Any, kind: Any, attributes: Dict[str, Any]) -> Optional[Any]:
+        """A started sampled span, or None when the SDK must decide (not sampled, tracer disabled)."""
+        is_enabled = getattr(tracer, "_is_enabled", None)
+        if is_enabled is not None and not is_enabled():
+            return None
+        parent = trace_api.get_current_span(context).get_span_context()
+        if parent is None or not parent.is_valid:
+            parent = None
+            trace_id = tracer.id_generator.generate_trace_id()
+        else:
+            trace_id = parent.trace_id
+        result = tracer.sampler.should_sample(context, trace_id, name, kind, attributes, ())
+        decision = result.decision
+        if not decision.is_sampled() or not decision.is_recording():
+            return None
+        flags = self._sampled
+        if self._random_flag is not None:
+            random_id = tracer.id_generator.is_trace_id_random() if parent is None else parent.trace_flags.random_trace_id
+            if random_id:
+                flags = trace_api.TraceFlags(flags | self._random_flag)
+        span_context = trace_api.SpanContext(
+            trace_id, tracer.id_generator.generate_span_id(), is_remote=False, trace_flags=flags, trace_state=result.trace_state,
+        )
+        values = dict(self._attribute_template)
+        values["_dict"] = dict(attributes)
+        values["_lock"] = threading.Lock()
+        values["dropped"] = 0
+        values["_immutable"] = False
+        bounded = _new(self._attributes_class, values)
+        fields = dict(self._shared)
+        fields["_name"] = name
+        fields["_context"] = span_context
+        fields["_parent"] = parent
+        fields["_kind"] = kind
+        fields["_end_time"] = None
+        fields["_attributes"] = bounded
+        list_class = self._list_class
+        fields["_events"] = _new(list_class, {"dropped": 0, "_dq": deque(maxlen=self._events_maxlen), "_lock": threading.Lock()})
+        fields["_links"] = _new(list_class, {"dropped": 0, "_dq": deque(maxlen=self._links_maxlen), "_lock": threading.Lock()})
+        fields["_lock"] = threading.Lock()
+        fields["_status"] = self._status
+        if self._metrics is not None:
+            fields["_record_end_metrics"] = self._metrics.start_span(parent, decision)
+        fields["_start_time"] = time_ns()
+        return _new(self._class, fields)
+
+
+def _new(cls: Any, fields: Dict[str, Any]) -> Any:
+    instance = object.__new__(cls)
+    instance.__dict__ = fields
+    return instance
+
+
 class SpanStarter:
     """A tracer proxy whose ``start_span`` skips the SDK's attribute re-checks when that cannot show."""
 
-    __slots__ = ("_tracer", "_maxlen", "_processors", "_checked_processors")
+    __slots__ = ("_tracer", "_maxlen", "_processors", "_checked_processors", "_factory")
 
     def __init__(self, tracer: Any) -> None:
         self._tracer = tracer
         self._maxlen = self._fast_limit(tracer)
+        self._factory: Any = None  # built at the first span; False when the SDK's layout is not the expected one
         self._processors: Optional[Any] = None  # the SDK's processor tuple last found free of on_start
         self._checked_processors: Optional[Any] = None
 
@@ -111,6 +240,13 @@ class SpanStarter:
             or not _plain_attributes(attributes)
         ):
             return tracer.start_span(name, context, kind, attributes, links, *args, **kwargs)
+        factory = self._factory
+        if factory is None:
+            factory = self._factory = self._make_factory()
+        if factory and not links:
+            span = factory.start(tracer, name, context, kind, attributes)
+            if span is not None:
+                return span
         span = tracer.start_span(name, context, kind, None, links)
         target = getattr(getattr(span, "_attributes", None), "_dict", None)
         if type(target) is dict:
@@ -118,6 +254,16 @@ class SpanStarter:
         elif span.is_recording():
             span.set_attributes(attributes)
         return span
+
+
+    def _make_factory(self) -> Any:
+        try:
+            return _SpanFactory(self._tracer, self._maxlen)
+        except Exception as exc:
+            from autotrace._log import logger
+
+            logger.debug("autotrace: spans are made by the SDK's start_span (%s)", exc)
+            return False
 
 
 def _plain_attributes(attributes: dict) -> bool:

@@ -120,3 +120,75 @@ def test_api_only_tracer_is_left_alone() -> None:
 
     tracer = NoOpTracer()
     assert starter_for(tracer) == (tracer, False)
+
+
+# -- spans made from a prototype's fields --------------------------------------------------
+
+
+def test_prototype_spans_behave_as_sdk_spans() -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from autotrace.spans import _SpanFactory
+
+    provider, exporter = setup()
+    tracer = provider.get_tracer("t", "1.0")
+    starter = SpanStarter(tracer)
+    root = starter.start_span("root", kind=SpanKind.SERVER, attributes={"a": 1})
+    assert isinstance(starter._factory, _SpanFactory)  # the path under test is the one taken
+    token = otel_context.attach(trace.set_span_in_context(root))
+    try:
+        child = starter.start_span("child", kind=SpanKind.CLIENT, attributes={"b": "x"})
+    finally:
+        otel_context.detach(token)
+    child.add_event("evt", {"k": 1})
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        child.record_exception(exc)
+    child.set_status(trace.Status(trace.StatusCode.ERROR, "bad"))
+    child.update_name("child2")
+    child.end()
+    root.end()
+    child.set_attribute("late", 1)  # ended: ignored
+    done_child, done_root = exporter.get_finished_spans()
+    assert done_child.name == "child2" and done_child.kind is SpanKind.CLIENT
+    assert done_child.parent == root.get_span_context()
+    assert done_child.context.trace_id == done_root.context.trace_id
+    assert done_child.context.span_id != done_root.context.span_id
+    assert done_child.context.trace_flags.sampled and done_root.context.trace_flags == tracer.start_span("x").get_span_context().trace_flags
+    assert dict(done_child.attributes) == {"b": "x"}
+    assert [e.name for e in done_child.events] == ["evt", "exception"]
+    assert done_child.status.status_code is trace.StatusCode.ERROR
+    assert done_root.parent is None and done_root.instrumentation_scope.version == "1.0"
+    assert done_child.start_time <= done_child.end_time
+    assert '"name": "child2"' in done_child.to_json()
+
+
+def test_remote_and_unsampled_parents() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    provider, exporter = setup()
+    starter = SpanStarter(provider.get_tracer("t"))
+    remote = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    span = starter.start_span("s", trace.set_span_in_context(NonRecordingSpan(remote)), SpanKind.SERVER, {"a": 1})
+    span.end()
+    (done,) = exporter.get_finished_spans()
+    assert done.context.trace_id == 0xABC and done.parent == remote and done.parent.is_remote
+    unsampled = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+    dropped = starter.start_span("s", trace.set_span_in_context(NonRecordingSpan(unsampled)), SpanKind.SERVER, {"a": 1})
+    assert not dropped.is_recording()
+    dropped.end()
+    assert len(exporter.get_finished_spans()) == 1
+
+
+def test_an_unexpected_span_layout_falls_back_to_the_sdk(monkeypatch: Any) -> None:
+    import autotrace.spans as spans_module
+
+    monkeypatch.setattr(spans_module, "_ATTRIBUTE_FIELDS", {"_dict", "something_new"})
+    provider, exporter = setup()
+    starter = SpanStarter(provider.get_tracer("t"))
+    starter.start_span("s", attributes={"a": 1}).end()
+    assert starter._factory is False
+    assert dict(exporter.get_finished_spans()[0].attributes) == {"a": 1}
