@@ -113,6 +113,22 @@ def _server(origin: str) -> Tuple[Optional[str], Optional[int]]:
     return (host.lower() or None), port
 
 
+_URL_CACHE: Dict[str, Tuple[str, Optional[str], Optional[int]]] = {}
+_URL_CACHE_SIZE = 256
+
+
+def _url_parts(url: str) -> Tuple[str, Optional[str], Optional[int]]:
+    """``(redacted url, server.address, server.port)``, cached: programs call the same URLs again."""
+    parts = _URL_CACHE.get(url)
+    if parts is None:
+        host, port = _server(_origin(url))
+        parts = (_http.redact_url(url), host, port)
+        if len(_URL_CACHE) >= _URL_CACHE_SIZE:
+            _URL_CACHE.clear()
+        _URL_CACHE[url] = parts
+    return parts
+
+
 def _origin(url: str) -> str:
     """``scheme://host[:port]`` of a URL, userinfo dropped."""
     raw = _origin_raw(url)
@@ -124,7 +140,13 @@ def _origin(url: str) -> str:
 
 
 def _caller_is_exporter() -> bool:
-    """True when the first frame above Session.send outside requests is exporter code."""
+    """True when the first frame above Session.send outside requests is exporter code.
+
+    Exporters that send with requests live in ``opentelemetry.exporter.*``; while
+    no such module is imported, no frame can be theirs and the walk is skipped.
+    """
+    if "opentelemetry.exporter" not in sys.modules:
+        return False
     frame = sys._getframe(2)  # 0: here, 1: the Session.send wrapper
     for _ in range(16):
         if frame is None:
@@ -200,6 +222,7 @@ class RequestsInstrumentor(Instrumentor):
 
     def _configure(self) -> None:
         """Every switch is read here, once (patch time), never per call."""
+        _URL_CACHE.clear()  # redaction rules may have changed
         self._excluded = _http.excluded_urls("requests")
         self._dup = semconv_dup("http")
         self._capture_request = _http.header_capture_enabled("client_request")
@@ -311,9 +334,9 @@ class RequestsInstrumentor(Instrumentor):
         if excluded and excluded.match(url):
             return None, None
         method, original = _http.normalize_method(request.method)
-        host, port = _server(_origin(url))
+        redacted, host, port = _url_parts(url)
         headers = request.headers
-        attrs: Dict[str, Any] = {"http.request.method": method, "url.full": _http.redact_url(url)}
+        attrs: Dict[str, Any] = {"http.request.method": method, "url.full": redacted}
         if host is not None:
             attrs["server.address"] = host
         if port is not None:
