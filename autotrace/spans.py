@@ -56,7 +56,8 @@ def _on_start_free(processor: Any) -> bool:
     )
 
 
-_ATTRIBUTE_FIELDS = {"_dict", "maxlen", "dropped", "max_value_len", "_lock", "_immutable"}
+#: Attribute-container fields set per span; others (limits, flags) are copied from the prototype.
+_ATTRIBUTE_FIELDS = {"_dict", "dropped", "_lock", "_immutable"}
 _LIST_FIELDS = {"dropped", "_dq", "_lock"}
 #: Span fields set per span; every other field is the same for all spans of a tracer.
 _PER_SPAN = {"_name", "_context", "_parent", "_kind", "_start_time", "_end_time", "_attributes", "_events",
@@ -76,7 +77,7 @@ class _SpanFactory:
         self._maxlen = maxlen
         prototype = tracer.start_span("autotrace.prototype")  # processors ignore on_start; never ended
         fields = dict(prototype.__dict__)
-        if not _PER_SPAN - {"_record_end_metrics"} <= set(fields) or set(fields["_attributes"].__dict__) != _ATTRIBUTE_FIELDS:
+        if not _PER_SPAN - {"_record_end_metrics"} <= set(fields) or not _ATTRIBUTE_FIELDS <= set(fields["_attributes"].__dict__):
             raise LookupError("unexpected span layout")
         for name in ("_events", "_links"):
             if set(fields[name].__dict__) != _LIST_FIELDS:
