@@ -20,6 +20,8 @@ from autotrace._log import logger
 Callback = Callable[[Any], None]
 
 _hooks: Dict[str, List[Callback]] = {}
+_before: Dict[str, List[Callback]] = {}
+_prefix_hooks: Dict[str, Callback] = {}
 _lock = threading.RLock()
 _searching: Set[Tuple[int, str]] = set()
 
@@ -33,6 +35,32 @@ def when_imported(module_name: str, callback: Callback) -> None:
             _install()
             return
     _run(module_name, module, [callback])
+
+
+def around_import(module_name: str, before: Callback, after: Callback) -> None:
+    """``before(module)`` just before ``module_name``'s code runs, ``after(module)`` once it has run.
+
+    Nothing happens if the module is already imported.
+    """
+    with _lock:
+        if module_name in sys.modules:
+            return
+        _before.setdefault(module_name, []).append(before)
+        _hooks.setdefault(module_name, []).append(after)
+        _install()
+
+
+def after_each_import(prefix: str, callback: Callback) -> None:
+    """``callback(module)`` after every module whose name starts with ``prefix`` is imported,
+    until :func:`stop_after_each_import`."""
+    with _lock:
+        _prefix_hooks[prefix] = callback
+        _install()
+
+
+def stop_after_each_import(prefix: str) -> None:
+    with _lock:
+        _prefix_hooks.pop(prefix, None)
 
 
 def pending() -> List[str]:
@@ -51,6 +79,7 @@ def _run(module_name: str, module: Any, callbacks: List[Callback]) -> None:
 def _fire(module_name: str, module: Any) -> None:
     with _lock:
         callbacks = _hooks.pop(module_name, [])
+        callbacks += [hook for prefix, hook in _prefix_hooks.items() if module_name.startswith(prefix)]
     _run(module_name, sys.modules.get(module_name, module), callbacks)
 
 
@@ -70,6 +99,9 @@ class _HookLoader:  # duck-typed: importlib.abc costs ~8 ms to import
             spec.loader = self._loader
         if getattr(module, "__loader__", None) is self:
             module.__loader__ = self._loader
+        with _lock:
+            before = _before.pop(self._module_name, [])
+        _run(self._module_name, module, before)
         self._loader.exec_module(module)
         _fire(self._module_name, module)
 
@@ -79,7 +111,7 @@ class _HookLoader:  # duck-typed: importlib.abc costs ~8 ms to import
 
 class _PostImportFinder:
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[Any]:
-        if fullname not in _hooks:
+        if fullname not in _hooks and fullname not in _before and not _has_prefix_hook(fullname):
             return None
         key = (threading.get_ident(), fullname)
         if key in _searching:
@@ -99,6 +131,10 @@ class _PostImportFinder:
             return spec
         spec.loader = _HookLoader(spec.loader, fullname)
         return spec
+
+
+def _has_prefix_hook(fullname: str) -> bool:
+    return any(fullname.startswith(prefix) for prefix in _prefix_hooks)
 
 
 _finder: Optional[_PostImportFinder] = None

@@ -59,39 +59,65 @@ def _initialize() -> None:
     _scrub_invalid_variables(settings.invalid_variables)
     install_sigterm_flush()
     from autotrace import plugins
-    from autotrace._importhook import when_imported
 
-    # Code that uses the OpenTelemetry API directly gets the SDK as it imports it.
-    for name in _SDK_TRIGGERS:
-        when_imported(name, _sdk_when_settled)
+    # Code that uses OpenTelemetry directly gets the SDK once its first OpenTelemetry import is complete.
+    from autotrace._importhook import after_each_import
+
+    after_each_import("opentelemetry", _sdk_when_settled)
+    configured = os.environ.get("OTEL_PROPAGATORS")
+    if configured:
+        from autotrace._importhook import around_import
+
+        def put_back(module: Any) -> None:
+            os.environ["OTEL_PROPAGATORS"] = configured
+
+        around_import("opentelemetry.propagate", _importable_propagators, put_back)
     plugins.activate(settings)
-
-
-#: The API, and the SDK modules a program may import first (they import the
-#: API half-way through their own import).
-_SDK_TRIGGERS = (
-    "opentelemetry.trace",
-    "opentelemetry.sdk.trace",
-    "opentelemetry.sdk.trace.export",
-    "opentelemetry.sdk.resources",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-)
 
 
 def _sdk_when_settled(module: Any) -> None:
     """Set up the SDK unless an OpenTelemetry module is still half-imported.
 
-    ``from opentelemetry.sdk.trace import TracerProvider`` as a program's first
-    import loads the API in the middle of the SDK's own import: setting up
-    then would import a half-made module. The outer module's hook comes later.
+    ``from opentelemetry.sdk.trace import TracerProvider`` (or ``opentelemetry.propagate``)
+    as a program's first import loads the API in the middle of its own import:
+    setting up then would import a half-made module. Every ``opentelemetry*``
+    module's completion checks again; the outermost one's finds none left.
     """
     for name, loaded in list(sys.modules.items()):
         if loaded is module or not name.startswith("opentelemetry"):
             continue  # the module whose hook this is counts as imported
         if getattr(getattr(loaded, "__spec__", None), "_initializing", False):
             return
+    from autotrace._importhook import stop_after_each_import
+
+    stop_after_each_import("opentelemetry")
     ensure_sdk()
+
+
+#: Propagators the API itself ships: always loadable.
+_API_PROPAGATORS = frozenset({"tracecontext", "baggage"})
+
+
+def _importable_propagators(module: Any) -> None:
+    """``opentelemetry.propagate`` raises *at import* on a name it cannot load (API 1.27: even ``none``).
+
+    Only while it is imported, OTEL_PROPAGATORS holds the names that load (or
+    ``tracecontext``); the value is put back right after (``put_back`` above). autotrace's own
+    propagator, set up with the SDK, follows the configured names, with a
+    warning for those that do not load.
+    """
+    configured = os.environ.get("OTEL_PROPAGATORS", "")
+    names = [name.strip() for name in configured.split(",") if name.strip()]
+    if all(name in _API_PROPAGATORS for name in names):
+        return
+    try:
+        from autotrace.plugins import _entry_points
+
+        installed = {entry_point.name for entry_point in _entry_points("opentelemetry_propagator")}
+    except Exception:
+        installed = set(_API_PROPAGATORS)
+    loadable = [name for name in names if name in installed and name != "none"]
+    os.environ["OTEL_PROPAGATORS"] = ",".join(loadable) or "tracecontext"
 
 
 def ensure_sdk() -> None:

@@ -390,11 +390,7 @@ def install(settings: Settings) -> TracerProvider:
     """Build and install the global provider and propagator; register exit flushes."""
     global _provider
     propagator, names = build_propagator(settings)
-    if os.environ.get("OTEL_PROPAGATORS") and list(settings.propagators) != names:
-        # opentelemetry.propagate raises at import on an unknown name; keep
-        # only the names that loaded so that importing it stays safe.
-        os.environ["OTEL_PROPAGATORS"] = ",".join(names) or "none"
-    from opentelemetry import propagate
+    from opentelemetry import propagate  # made safe to import by the bootstrap's before-import hook
 
     propagate.set_global_textmap(propagator)
     provider = build_provider(settings)

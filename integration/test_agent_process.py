@@ -48,6 +48,7 @@ def test_spans_are_exported_over_otlp(receiver, protocol):
         "from opentelemetry.sdk.trace import TracerProvider",
         "from opentelemetry.sdk.resources import Resource",
         "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter",
+        "from opentelemetry import propagate",
     ],
 )
 def test_a_program_importing_the_sdk_first_is_traced(receiver, first_import):
@@ -57,6 +58,30 @@ def test_a_program_importing_the_sdk_first_is_traced(receiver, first_import):
     assert result.returncode == 0, result.stderr
     assert "failed" not in result.stderr, result.stderr
     assert receiver.wait_for_count(1)[0].name == "after-sdk-import"
+
+
+@pytest.mark.parametrize("propagators", ["bogus", "tracecontext,bogus", "none", "b3"])
+def test_propagators_that_do_not_load_never_break_importing_the_api(receiver, propagators):
+    # opentelemetry.propagate raises at import on a name it cannot load (API 1.27: even "none").
+    code = textwrap.dedent(
+        """
+        from opentelemetry import propagate, trace
+        import os
+        with trace.get_tracer("t").start_as_current_span("outgoing"):
+            headers = {}
+            propagate.inject(headers)
+        print(sorted(headers), os.environ["OTEL_PROPAGATORS"])
+        """
+    )
+    result = run_traced(["python", "-c", code], dict(receiver.env(), OTEL_PROPAGATORS=propagators))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = {"bogus": [], "tracecontext,bogus": ["traceparent"], "none": [], "b3": ["b3"]}[propagators]
+    assert result.stdout.split("]")[0] + "]" == str(expected)
+    assert result.stdout.strip().endswith(propagators)  # the user's value, as configured
+    if "bogus" in propagators:
+        assert "bogus" in result.stderr  # named in a warning
+    assert receiver.wait_for_count(1)[0].name == "outgoing"
 
 
 def test_gzip_compression(receiver):
