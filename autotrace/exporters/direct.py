@@ -348,17 +348,19 @@ class DirectOTLPSpanProcessor(SpanProcessor, DropCounter):
             entry = self._encoder.span_entry(span)
             full = None
             with self._lock:
-                if self._queued >= self.capacity:
-                    self.count_drop()
-                    return
-                current = self._current
-                if not current:
-                    self._current_since = time.monotonic()
-                current.append(entry)
-                self._queued += 1
-                size = len(current)
-                if size >= self._batch_size:
-                    full, self._current = current, []
+                full_queue = self._queued >= self.capacity
+                if not full_queue:
+                    current = self._current
+                    if not current:
+                        self._current_since = time.monotonic()
+                    current.append(entry)
+                    self._queued += 1
+                    size = len(current)
+                    if size >= self._batch_size:
+                        full, self._current = current, []
+            if full_queue:
+                self.count_drop()  # logs: never while holding the lock (a log handler may make spans)
+                return
             if self._worker is None:
                 self._start_worker()
             if self.dropped_in_burst:
