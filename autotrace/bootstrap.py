@@ -83,13 +83,16 @@ def _sdk_when_settled(module: Any) -> None:
     setting up then would import a half-made module. Every ``opentelemetry*``
     module's completion checks again; the outermost one's finds none left.
     """
+    from autotrace._importhook import stop_after_each_import
+
+    if _sdk_state != "pending":  # set up already (a traced library's import came first)
+        stop_after_each_import("opentelemetry")
+        return
     for name, loaded in list(sys.modules.items()):
         if loaded is module or not name.startswith("opentelemetry"):
             continue  # the module whose hook this is counts as imported
         if getattr(getattr(loaded, "__spec__", None), "_initializing", False):
             return
-    from autotrace._importhook import stop_after_each_import
-
     stop_after_each_import("opentelemetry")
     ensure_sdk()
 

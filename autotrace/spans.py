@@ -68,13 +68,10 @@ class _SpanFactory:
     """Makes sampled SDK spans by copying a prototype's fields (see the module docstring)."""
 
     __slots__ = ("_tracer", "_class", "_shared", "_attribute_template", "_events_maxlen", "_links_maxlen",
-                 "_maxlen", "_sampled", "_random_flag", "_metrics", "_status", "_attributes_class", "_list_class")
+                 "_sampled", "_random_flag", "_metrics", "_status", "_attributes_class", "_list_class")
 
-    def __init__(self, tracer: Any, maxlen: int) -> None:
-        from opentelemetry.sdk.trace import sampling
-
+    def __init__(self, tracer: Any) -> None:
         self._tracer = tracer
-        self._maxlen = maxlen
         prototype = tracer.start_span("autotrace.prototype")  # processors ignore on_start; never ended
         fields = dict(prototype.__dict__)
         if not _PER_SPAN - {"_record_end_metrics"} <= set(fields) or not _ATTRIBUTE_FIELDS <= set(fields["_attributes"].__dict__):
@@ -94,9 +91,9 @@ class _SpanFactory:
         random_flag = getattr(trace_api.TraceFlags, "RANDOM_TRACE_ID", None)
         self._random_flag = random_flag if random_flag is not None and hasattr(tracer.id_generator, "is_trace_id_random") else None
         self._metrics = getattr(tracer, "_tracer_metrics", None)
-        self._check(sampling)
+        self._check()
 
-    def _check(self, sampling: Any) -> None:
+    def _check(self) -> None:
         """Build spans both ways (root and child) and require every field to match."""
         tracer = self._tracer
         attributes = {"k": "v", "n": 1}
@@ -259,7 +256,7 @@ class SpanStarter:
 
     def _make_factory(self) -> Any:
         try:
-            return _SpanFactory(self._tracer, self._maxlen)
+            return _SpanFactory(self._tracer)
         except Exception as exc:
             from autotrace._log import logger
 
