@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from opentelemetry.trace import Span, Status, StatusCode
 
 from autotrace.config import EnvReader, semconv_dup
+from autotrace.spans import set_attributes
 
 REDACTED = "REDACTED"
 
@@ -220,24 +221,26 @@ def excluded_urls(library: str) -> ExcludedUrls:
 # Status and old attribute names
 
 
-def set_server_status(span: Span, status_code: int) -> None:
-    """SERVER spans: only 5xx is an error (4xx is the client's fault)."""
-    span.set_attribute("http.response.status_code", status_code)
-    if status_code >= 500:
-        span.set_attribute("error.type", str(status_code))
-        span.set_status(Status(StatusCode.ERROR))
-    if semconv_dup("http"):
-        span.set_attribute("http.status_code", status_code)
+def set_server_status(span: Span, status_code: int, more: Optional[Dict[str, Any]] = None) -> None:
+    """SERVER spans: only 5xx is an error (4xx is the client's fault). ``more``: other attributes to set."""
+    _set_status(span, status_code, 500, more)
 
 
-def set_client_status(span: Span, status_code: int) -> None:
-    """CLIENT spans: 4xx and 5xx are errors."""
-    span.set_attribute("http.response.status_code", status_code)
-    if status_code >= 400:
-        span.set_attribute("error.type", str(status_code))
+def set_client_status(span: Span, status_code: int, more: Optional[Dict[str, Any]] = None) -> None:
+    """CLIENT spans: 4xx and 5xx are errors. ``more``: other attributes to set."""
+    _set_status(span, status_code, 400, more)
+
+
+def _set_status(span: Span, status_code: int, error_from: int, more: Optional[Dict[str, Any]]) -> None:
+    attributes: Dict[str, Any] = {"http.response.status_code": status_code}
+    if status_code >= error_from:
+        attributes["error.type"] = str(status_code)
         span.set_status(Status(StatusCode.ERROR))
     if semconv_dup("http"):
-        span.set_attribute("http.status_code", status_code)
+        attributes["http.status_code"] = status_code
+    if more:
+        attributes.update(more)
+    set_attributes(span, attributes)
 
 
 _OLD_NAMES_COMMON = {

@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind
 from autotrace import http as _http
 from autotrace._log import error_once
 from autotrace.config import env, get_settings, semconv_dup
+from autotrace.spans import set_attributes
 from autotrace.instrumentation import (
     SUPPRESS_HTTP_INSTRUMENTATION_KEY,
     Instrumentor,
@@ -387,10 +388,7 @@ class RequestsInstrumentor(Instrumentor):
                 return
             raw = getattr(response, "raw", None)
             if span.is_recording():
-                status = getattr(response, "status_code", None)
-                if isinstance(status, int):
-                    _http.set_client_status(span, status)
-                self._set_version(span, raw)
+                self._set_outcome(span, getattr(response, "status_code", None), raw)
                 if self._capture_response:
                     span.set_attributes(_http.capture_headers("client_response", response.headers.items()))
             # The span ends when the body is consumed or the response closed.
@@ -407,12 +405,18 @@ class RequestsInstrumentor(Instrumentor):
                 except Exception:
                     pass
 
-    def _set_version(self, span: Any, raw: Any) -> None:
+    def _set_outcome(self, span: Any, status: Any, raw: Any) -> None:
+        """Status code (and what it implies) and protocol version, set together."""
+        more: Dict[str, Any] = {}
         version = _VERSIONS.get(getattr(raw, "version", None))
         if version is not None:
-            span.set_attribute("network.protocol.version", version)
+            more["network.protocol.version"] = version
             if self._dup:
-                span.set_attribute("http.flavor", version)
+                more["http.flavor"] = version
+        if isinstance(status, int):
+            _http.set_client_status(span, status, more)
+        elif more:
+            set_attributes(span, more)
 
     # -- urllib3: retries -------------------------------------------------------
     def _increment(self, wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
@@ -434,10 +438,7 @@ class RequestsInstrumentor(Instrumentor):
             if error is not None:
                 record_exception(span, error)
             elif response is not None and span.is_recording():
-                status = getattr(response, "status", None)
-                if isinstance(status, int):
-                    _http.set_client_status(span, status)
-                self._set_version(span, response)
+                self._set_outcome(span, getattr(response, "status", None), response)
             span.end()
         except Exception:
             error_once("requests.retry", _MSG, "requests.retry")

@@ -192,3 +192,126 @@ def test_an_unexpected_span_layout_falls_back_to_the_sdk(monkeypatch: Any) -> No
     starter.start_span("s", attributes={"a": 1}).end()
     assert starter._factory is False
     assert dict(exporter.get_finished_spans()[0].attributes) == {"a": 1}
+
+
+def _parents() -> List[Any]:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    state = TraceState([("vendor", "v1")])
+    out: List[Any] = [None]
+    for remote in (True, False):
+        for flags in (TraceFlags.SAMPLED, TraceFlags.DEFAULT):
+            parent = SpanContext(0xABC, 0xDEF, is_remote=remote, trace_flags=TraceFlags(flags), trace_state=state)
+            out.append(trace.set_span_in_context(NonRecordingSpan(parent)))
+    return out
+
+
+SAMPLERS = {
+    "always_on": sampling.ALWAYS_ON,
+    "always_off": sampling.ALWAYS_OFF,
+    "parentbased_always_on": sampling.DEFAULT_ON,
+    "parentbased_always_off": sampling.DEFAULT_OFF,
+    "parentbased_unusual_delegates": sampling.ParentBased(
+        sampling.ALWAYS_ON, remote_parent_not_sampled=sampling.ALWAYS_ON, local_parent_sampled=sampling.ALWAYS_OFF
+    ),
+    "ratio": sampling.TraceIdRatioBased(0.5),
+    "parentbased_ratio": sampling.ParentBased(sampling.TraceIdRatioBased(0.5)),
+}
+
+
+def test_every_sampler_and_parent_decide_as_the_sdk() -> None:
+    """Decisions taken without calling a static sampler match the SDK's, parent by parent."""
+    for label, sampler in SAMPLERS.items():
+        provider, _ = setup(sampler=sampler)
+        tracer = provider.get_tracer("t")
+        starter = SpanStarter(tracer)
+        for parent in _parents():
+            if parent is None and "ratio" in label:
+                continue  # decided by each root's random trace id
+            for attempt in range(3):
+                ours = starter.start_span("s", parent, SpanKind.CLIENT, {"a": 1})
+                mine = ours.get_span_context()
+                theirs = tracer.start_span("s", parent, SpanKind.CLIENT, {"a": 1})
+                expected = theirs.get_span_context()
+                where = f"{label}, parent {parent and list(parent.values())[0].get_span_context()}"
+                assert ours.is_recording() == theirs.is_recording(), where
+                assert mine.trace_flags.sampled == expected.trace_flags.sampled, where
+                assert mine.trace_state == expected.trace_state, where
+                if parent is not None:
+                    assert mine.trace_id == 0xABC, where
+                ours.end()
+                theirs.end()
+        if label == "parentbased_always_on":
+            assert starter._factory and starter._factory._static_table is not None
+        if "ratio" in label:
+            assert not starter._factory or starter._factory._static_table is None
+
+
+def test_a_sampler_replaced_at_run_time_is_asked() -> None:
+    provider, exporter = setup()
+    tracer = provider.get_tracer("t")
+    starter = SpanStarter(tracer)
+    starter.start_span("before", attributes={"a": 1}).end()
+    tracer.sampler = sampling.ALWAYS_OFF
+    dropped = starter.start_span("after", attributes={"a": 1})
+    assert not dropped.is_recording()
+    dropped.end()
+    tracer.sampler = RecordingSampler()
+    starter.start_span("asked", attributes={"a": 1}).end()
+    assert tracer.sampler.seen == [{"a": 1}]
+    assert [s.name for s in exporter.get_finished_spans()] == ["before", "asked"]
+
+
+def test_set_attributes_matches_the_sdk_case_by_case() -> None:
+    """Attributes added after the start end up exactly as the SDK's own set_attributes leaves them."""
+    from opentelemetry.trace import INVALID_SPAN
+
+    from autotrace.spans import set_attributes
+
+    cases = [
+        {"http.response.status_code": 200, "network.protocol.version": "1.1"},
+        {"a": 1},  # an existing key: replaced (the SDK moves it last)
+        {"list": ["x", "y"]},  # not a plain value: the SDK converts it
+        {"": "empty key"},  # invalid: the SDK drops it
+        {"f": 0.5, "b": True, "s": "text"},
+    ]
+    for limits in (SpanLimits(), SpanLimits(max_span_attributes=3)):
+        for case in cases:
+            results = []
+            for ours in (True, False):
+                provider, exporter = setup(span_limits=limits)
+                span = SpanStarter(provider.get_tracer("t")).start_span("s", attributes={"a": 0, "z": 9})
+                if ours:
+                    set_attributes(span, dict(case))
+                else:
+                    span.set_attributes(dict(case))
+                span.end()
+                (done,) = exporter.get_finished_spans()
+                results.append((list(done.attributes.items()), done.dropped_attributes))
+            assert results[0] == results[1], (limits, case)
+    provider, exporter = setup()
+    span = SpanStarter(provider.get_tracer("t")).start_span("s", attributes={"a": 0})
+    span.end()
+    set_attributes(span, {"late": 1})  # ended: ignored, as the SDK does
+    assert dict(exporter.get_finished_spans()[0].attributes) == {"a": 0}
+    set_attributes(INVALID_SPAN, {"a": 1})  # a non-recording span: nothing happens
+
+
+def test_set_attributes_takes_the_direct_way_only_when_certain(monkeypatch: Any) -> None:
+    from opentelemetry.sdk.trace import Span
+
+    from autotrace.spans import set_attributes
+
+    calls: List[Any] = []
+    original = Span.set_attributes
+    monkeypatch.setattr(Span, "set_attributes", lambda self, attrs: (calls.append(dict(attrs)), original(self, attrs)))
+    provider, exporter = setup()
+    span = SpanStarter(provider.get_tracer("t")).start_span("s", attributes={"a": 0})
+    set_attributes(span, {"plain": 1})
+    assert calls == []  # the direct way
+    set_attributes(span, {"plain": 2})  # existing key
+    set_attributes(span, {"seq": [1]})  # not plain
+    assert calls == [{"plain": 2}, {"seq": [1]}]
+    span.end()
+    assert dict(exporter.get_finished_spans()[0].attributes) == {"a": 0, "plain": 2, "seq": (1,)}
