@@ -33,8 +33,9 @@ from typing import (
 )
 
 import wrapt
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.trace import Span, Status, StatusCode
 
@@ -118,9 +119,10 @@ def is_suppressed(http: bool = False) -> bool:
     client instrumentors also set the HTTP key so that a lower-level HTTP
     instrumentor (urllib3, http.client plugins) does not add a duplicate span.
     """
-    if otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
+    current = otel_context.get_current()
+    if current.get(_SUPPRESS_INSTRUMENTATION_KEY):
         return True
-    return http and bool(otel_context.get_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY))
+    return http and bool(current.get(_SUPPRESS_HTTP_INSTRUMENTATION_KEY))
 
 
 class suppressed:
@@ -138,6 +140,56 @@ class suppressed:
 
     def __exit__(self, *exc: Any) -> None:
         otel_context.detach(self.token)
+
+
+# --------------------------------------------------------------------------
+# Propagation
+
+_W3C_ONLY: Tuple[Any, bool] = (None, False)  # (global propagator last checked, whether it is W3C only)
+
+
+def inject(carrier: Any, context: Any) -> None:
+    """``propagate.inject(carrier, context=context)`` into a dict-like carrier.
+
+    Why: with the default propagators (``tracecontext,baggage``), the API's
+    path -- composite, per-propagator getters and setters -- costs an outgoing
+    request about as much as starting its span. When the global propagator is
+    the composite the agent installed with exactly those W3C propagators,
+    ``traceparent`` and ``tracestate`` are written here as the W3C propagator
+    writes them, and only non-empty baggage goes through its propagator. Any
+    other propagator (B3, Jaeger, a plugin, one the program installed) is
+    called as it is.
+    """
+    global _W3C_ONLY
+    textmap = propagate.get_global_textmap()
+    checked, w3c_only = _W3C_ONLY
+    if checked is not textmap:
+        w3c_only = _is_w3c_only(textmap)
+        _W3C_ONLY = (textmap, w3c_only)
+    if not w3c_only:
+        textmap.inject(carrier, context=context)
+        return
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context != trace.INVALID_SPAN_CONTEXT:
+        # %-formatting: TraceFlags (an int subclass) formats slowly through an f-string.
+        carrier["traceparent"] = "00-%032x-%016x-%02x" % (span_context.trace_id, span_context.span_id, span_context.trace_flags)
+        if span_context.trace_state:
+            carrier["tracestate"] = span_context.trace_state.to_header()
+    if baggage.get_all(context):
+        for propagator in textmap._propagators:
+            if type(propagator) is W3CBaggagePropagator:
+                propagator.inject(carrier, context=context)
+
+
+def _is_w3c_only(textmap: Any) -> bool:
+    """The composite of ``tracecontext`` (and optionally ``baggage``), exactly the SDK's classes."""
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if type(textmap) is not CompositePropagator:
+        return False
+    kinds = [type(p) for p in getattr(textmap, "_propagators", ())]
+    return kinds in ([TraceContextTextMapPropagator], [TraceContextTextMapPropagator, W3CBaggagePropagator])
 
 
 # --------------------------------------------------------------------------

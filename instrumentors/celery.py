@@ -47,7 +47,7 @@ from opentelemetry.trace import Link, SpanKind
 
 from autotrace._log import error_once
 from autotrace.config import env
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span, guard
+from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span, guard, inject
 
 LINK_ONLY_ENV = "AUTOTRACE_CELERY_LINK_ONLY"
 
@@ -579,7 +579,7 @@ def _traced_sender(send_task_message: Callable[..., Any]) -> Callable[..., Any]:
         if span is not None:
             try:
                 carrier: Dict[str, str] = {}
-                propagate.inject(carrier, context=ctx)
+                inject(carrier, ctx)
                 if carrier:
                     message[0].update(carrier)
                     extra = kwargs.get("headers")

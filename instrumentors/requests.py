@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from autotrace import http as _http
@@ -48,6 +48,7 @@ from autotrace.spans import set_attributes
 from autotrace.instrumentation import (
     SUPPRESS_HTTP_INSTRUMENTATION_KEY,
     Instrumentor,
+    inject,
     is_suppressed,
     record_exception,
     suppressed,
@@ -361,7 +362,7 @@ class RequestsInstrumentor(Instrumentor):
         parent = otel_context.get_current()
         span = self.tracer.start_span(method, parent, kind=_CLIENT, attributes=span_attrs)
         ctx = otel_context.set_value(SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span, parent))
-        propagate.inject(headers, context=ctx)
+        inject(headers, ctx)
         return _Call(span, parent, method, attrs), otel_context.attach(ctx)
 
     def _fail(self, call: _Call, token: Any, exc: BaseException, own: Any) -> None:
@@ -474,7 +475,7 @@ class RequestsInstrumentor(Instrumentor):
             SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, trace.set_span_in_context(span, call.parent)
         )
         if headers is not None:
-            propagate.inject(headers, context=ctx)
+            inject(headers, ctx)
         return otel_context.attach(ctx)
 
     # -- urllib3: end of the body ---------------------------------------------

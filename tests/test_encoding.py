@@ -53,6 +53,19 @@ def test_spans_from_two_resources_are_grouped_like_upstream():
     assert_same(list(exporter1.get_finished_spans()) + list(exporter2.get_finished_spans()))
 
 
+def test_equal_values_of_different_types_are_not_confused():
+    """True == 1 == 1.0: the encoder's per-attribute cache must still tell them apart."""
+    tp, exporter = provider()
+    tracer = tp.get_tracer("t")
+    for value in (True, 1, 1.0, False, 0, 0.0, "1"):
+        tracer.start_span("s", attributes={"x": value}).end()
+    spans = exporter.get_finished_spans()
+    encoder = SpanEncoder()  # one encoder, as the exporter keeps: its cache spans batches
+    for batch in (spans, spans[::-1]):
+        ours = ExportTraceServiceRequest.FromString(encoder(batch))
+        assert ours == ExportTraceServiceRequest.FromString(encode_spans(batch).SerializeToString())
+
+
 values = st.one_of(
     st.text(max_size=30), st.booleans(), st.integers(min_value=-(2**63), max_value=2**63 - 1),
     st.floats(allow_nan=False), st.lists(st.text(max_size=5), max_size=4), st.lists(st.integers(-1000, 1000), max_size=4),

@@ -33,6 +33,9 @@ _PARENT_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)
 _STATUS_FIELDS = [b"\x7a\x00", b"\x7a\x02\x18\x01", b"\x7a\x02\x18\x02"]
 
 
+_CACHEABLE = frozenset((str, int, bool, float))
+
+
 def _varint(value: int) -> bytes:
     if 0 <= value < 16384:
         return _VARINTS[value]
@@ -93,7 +96,7 @@ class SpanEncoder:
     """Encodes batches of ReadableSpans into an ExportTraceServiceRequest."""
 
     def __init__(self) -> None:
-        self._pairs: Dict[Tuple[str, Any], bytes] = {}
+        self._pairs: Dict[Tuple[str, type, Any], bytes] = {}
         self._resources: Dict[int, Tuple[Any, Any, bytes]] = {}
         self._scopes: Dict[int, Tuple[Any, bytes]] = {}
         self._names: Dict[str, bytes] = {}
@@ -115,14 +118,16 @@ class SpanEncoder:
         parts: List[bytes] = []
         for key, value in plain.items():
             try:
-                cacheable = type(value) in (str, int, bool, float)
-                encoded = cache.get((key, value)) if cacheable else None
+                kind = type(value)
+                # The type is part of the key: True == 1 == 1.0 would share an entry.
+                cacheable = kind in _CACHEABLE
+                encoded = cache.get((key, kind, value)) if cacheable else None
                 if encoded is None:
                     encoded = _field(tag, _key_value(key, value))
                     if cacheable:
                         if len(cache) >= _MAX_CACHE:
                             cache.clear()
-                        cache[(key, value)] = encoded
+                        cache[(key, kind, value)] = encoded
                 parts.append(encoded)
             except (TypeError, ValueError):
                 continue  # as upstream: an unencodable attribute is skipped
