@@ -43,6 +43,14 @@ def error_once(site: str, message: str, *args: Any, exc_info: bool = True) -> No
         logger.error(message + " (further errors at this site are not logged)", *args, exc_info=exc_info)
 
 
+INTERNAL_ERROR = "autotrace: internal error in %s; the program continues, this call may be untraced"
+
+
+def internal_error(site: str) -> None:
+    """Report a failure of the agent's own code at ``site`` (once, with its traceback)."""
+    error_once(site, INTERNAL_ERROR, site)
+
+
 def warn_every(site: str, interval_s: float, message: str, *args: Any) -> bool:
     """Log a warning at most once per ``interval_s`` for ``site``; True when logged."""
     now = time.monotonic()

@@ -244,6 +244,13 @@ def wrap(owner: Any, path: str, wrapper: Callable[..., Any]) -> Patch:
     return Patch(target, name, original, function_wrapper)
 
 
+def _unwrapped(descriptor: Any) -> Any:
+    """The function under a (possibly wrapt-wrapped) descriptor."""
+    while isinstance(descriptor, wrapt.ObjectProxy):
+        descriptor = descriptor.__wrapped__
+    return descriptor
+
+
 def unwrap(patch: Patch) -> None:
     """Restore what :func:`wrap` replaced."""
     patch.undo()
@@ -275,7 +282,8 @@ class Instrumentor:
     supported: ClassVar[str] = ""
     #: Modules whose first import triggers :meth:`patch_module`.
     modules: ClassVar[Sequence[str]] = ()
-    #: Other instrumentation names this one covers (upstream plugins skipped).
+    #: Upstream instrumentation names (entry points of ``opentelemetry_instrumentor``) whose
+    #: library this instrumentor traces itself: those plugins are never activated.
     covers: ClassVar[Sequence[str]] = ()
 
     def __init__(self) -> None:
@@ -296,23 +304,37 @@ class Instrumentor:
         """Import and patch every target module now (tests, programmatic use).
 
         The agent itself never calls this: it patches lazily on first import.
+        A target module this version of the library does not have (e.g.
+        ``redis.asyncio.cluster`` before redis-py 4.3) is skipped; the first
+        one must import.
         """
         import importlib
 
-        for module_name in self.modules or (self.name,):
+        for position, module_name in enumerate(self.modules or (self.name,)):
             if module_name in self.patched_modules:
                 continue
-            self.patch_module(module_name, importlib.import_module(module_name))
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                if position == 0:
+                    raise
+                continue
+            self.patch_module(module_name, module)
             self.patched_modules.append(module_name)
         return self
 
-    def wrap(self, owner: Any, path: str, wrapper: Callable[..., Any]) -> None:
+    def wrap(self, owner: Any, path: str, wrapper: Any) -> None:
         """Class-level :func:`wrap`, remembered for :meth:`unpatch`.
 
-        A target missing in this library version is skipped (logged at debug):
-        one absent method must not stop the rest of the instrumentor.
+        ``wrapper`` is a wrapt-style function or a :class:`autotrace.kit.CallSpan`
+        (its sync or async wrapper is chosen by the target's nature). A target
+        missing in this library version is skipped (logged at debug): one
+        absent method must not stop the rest of the instrumentor.
         """
         try:
+            if hasattr(wrapper, "for_target"):
+                target, name = _resolve(owner, path)
+                wrapper = wrapper.for_target(_unwrapped(inspect.getattr_static(target, name)))
             self._patches.append(wrap(owner, path, wrapper))
         except AttributeError:
             from autotrace._log import logger

@@ -29,10 +29,6 @@ from autotrace.config import Settings
 GROUP = "autotrace.instrumentors"
 UPSTREAM_GROUP = "opentelemetry_instrumentor"
 
-#: Upstream instrumentations whose library a built-in covers (never activated).
-COVERED_BY_BUILTINS = frozenset(
-    {"flask", "fastapi", "starlette", "requests", "sqlalchemy", "redis", "celery", "asgi", "wsgi"}
-)
 
 #: Upstream entry-point names that are not the name of the module to wait for.
 UPSTREAM_TRIGGER_MODULES = {
@@ -111,7 +107,7 @@ def discover(settings: Settings) -> List[Plugin]:
     if settings.upstream_plugins:
         for entry_point in _entry_points(UPSTREAM_GROUP):
             plugin = Plugin(entry_point.name, entry_point.value, UPSTREAM_GROUP, _provider(entry_point), entry_point)
-            if entry_point.name in seen or entry_point.name in COVERED_BY_BUILTINS:
+            if entry_point.name in seen:
                 plugin.state, plugin.reason = COVERED, "autotrace instruments this library itself"
             elif not plugin.trigger_module:
                 plugin.state, plugin.reason = COVERED, "not a library instrumentation"
@@ -120,6 +116,25 @@ def discover(settings: Settings) -> List[Plugin]:
         if plugin.state == WILL_PATCH and settings.instrumentation_disabled(plugin.name):
             plugin.state, plugin.reason = DISABLED, "OTEL_PYTHON_DISABLED/ENABLED_INSTRUMENTATIONS"
     return plugins
+
+
+def covering(plugins: List[Plugin], name: str) -> Optional[str]:
+    """The autotrace instrumentor whose ``covers`` names the upstream plugin ``name``, if any.
+
+    Reads the classes' declarations, so it imports the instrumentor modules (not
+    their libraries): called when an upstream plugin is about to activate, or
+    for ``--info``, never at start-up.
+    """
+    for plugin in plugins:
+        if plugin.group != GROUP or plugin.entry_point is None:
+            continue
+        try:
+            cls = plugin.entry_point.load()
+        except Exception:
+            continue
+        if name in (getattr(cls, "covers", None) or ()):
+            return plugin.name
+    return None
 
 
 def installed_version(distribution: str) -> Optional[str]:
@@ -220,6 +235,11 @@ class Activator:
         with self._lock:
             if plugin.state != WILL_PATCH or plugin.instrumentor is not None:
                 return
+            if plugin.group == UPSTREAM_GROUP:
+                ours = covering(self.plugins, plugin.name)
+                if ours is not None:
+                    plugin.state, plugin.reason = COVERED, f"autotrace's {ours!r} instrumentor covers it"
+                    return
             if not load_instrumentor(plugin):
                 return
             if not self._version_ok(plugin):
@@ -314,7 +334,12 @@ def current() -> Optional[Activator]:
 def plugin_table(settings: Settings) -> List[Dict[str, str]]:
     """What ``--info`` prints: every plugin, loaded (not patched) to read its declarations."""
     rows = []
-    for plugin in discover(settings):
+    plugins = discover(settings)
+    for plugin in plugins:
+        if plugin.group == UPSTREAM_GROUP and plugin.state in (WILL_PATCH, DISABLED):
+            ours = covering(plugins, plugin.name)
+            if ours is not None:
+                plugin.state, plugin.reason = COVERED, f"autotrace's {ours!r} instrumentor covers it"
         initial_state = plugin.state
         loaded = plugin.state in (WILL_PATCH, DISABLED) and load_instrumentor(plugin, quiet=True)
         if initial_state == DISABLED:

@@ -251,6 +251,7 @@ class CeleryInstrumentor(Instrumentor):
     name = "celery"
     distribution = "celery"
     supported = ">=5.0,<6"
+    covers = ("celery",)
     modules = (
         "celery.app.base",
         "celery.app.amqp",

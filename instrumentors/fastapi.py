@@ -214,6 +214,7 @@ class FastAPIInstrumentor(Instrumentor):
     name = "fastapi"
     distribution = "fastapi"
     supported = ">=0.100,<1"
+    covers = ("fastapi", "starlette", "asgi")
     modules = ("fastapi",)
 
     def __init__(self) -> None:

@@ -437,6 +437,7 @@ class FlaskInstrumentor(Instrumentor):
     name = "flask"
     distribution = "flask"
     supported = ">=2.0,<4"
+    covers = ("flask", "wsgi")
     modules = ("flask",)
 
     def __init__(self) -> None:

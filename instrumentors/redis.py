@@ -18,32 +18,19 @@ hidden. Server error messages that echo arguments (unknown commands, pipeline
 errors) are trimmed before they reach the exception event.
 
 Hot path: the connection attributes are built once per connection pool (or
-cluster client) and cached on it; the per-call work is one dict copy, two
-cached lookups, ``start_span`` and a context attach/detach.
+cluster client) and cached on it; the per-call work is one dict copy and two
+cached lookups; the span itself is the kit's (:class:`autotrace.kit.CallSpan`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-
-from autotrace._log import error_once
 from autotrace.config import env, semconv_dup
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span
+from autotrace.kit import CallSpan, Instrumentor, record_error
 
 CAPTURE_ARGS_ENV = "AUTOTRACE_REDIS_CAPTURE_ARGS"
-
-_CLIENT = SpanKind.CLIENT
-_get_value = otel_context.get_value
-_attach = otel_context.attach
-_detach = otel_context.detach
-_set_span_in_context = trace.set_span_in_context
 
 #: ``db.query.text`` placeholders for N arguments (capped; longer lists end in "...").
 _MAX_PLACEHOLDERS = 64
@@ -338,126 +325,33 @@ def _sanitize_message(message: str, sensitive: bool) -> str:
     return message
 
 
-def _error_type(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError):
-        return "asyncio.CancelledError"
-    cls = type(exc)
-    module = cls.__module__
-    if not module or module in ("builtins", "__main__"):
-        return cls.__qualname__
-    return f"{module}.{cls.__qualname__}"
-
-
 def _fail(span: Any, exc: BaseException, config: _Config, sensitive: bool) -> None:
     """Record ``exc`` on ``span`` without exporting echoed arguments."""
     if not span.is_recording():
         return
-    error_type = _error_type(exc)
     message = str(exc)
     code = _status_code(exc, message)
     if sensitive or not config.capture_args:
         message = _sanitize_message(message, sensitive)
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    span.record_exception(
-        exc,
-        attributes={
-            "exception.type": error_type,
-            "exception.message": message,
-            "exception.stacktrace": f"Traceback (most recent call last):\n{stack}{error_type}: {message}",
-        },
-    )
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {message}"[:1024]))
-    span.set_attribute("error.type", error_type)
-    if code:
-        span.set_attribute("db.response.status_code", code)
+    record_error(span, exc, message=message, attributes={"db.response.status_code": code} if code else None)
 
 
 # --------------------------------------------------------------------------
-# Wrappers
-
-
-def _make_wrappers(
-    instrumentor: "RedisInstrumentor", describe: Callable[[Any, Tuple[Any, ...], _Config], Any], site: str
-) -> Tuple[Callable[..., Any], Callable[..., Any]]:
-    """Sync and async wrapt wrappers running the call inside a CLIENT span.
-
-    ``describe(instance, args, config)`` returns ``(span_name, attributes,
-    sensitive)`` or ``None`` for no span. Only our code is guarded; the user's call, result and
-    exception pass through unchanged.
-    """
-    config = instrumentor.config
-
-    def begin(instance: Any, args: Tuple[Any, ...]) -> Any:
-        try:
-            described = describe(instance, args, config)
-            if described is None:
-                return None
-            tracer = instrumentor._tracer or instrumentor.tracer
-            span = tracer.start_span(described[0], kind=_CLIENT, attributes=described[1])
-            return span, _attach(_set_span_in_context(span)), described[2]
-        except Exception:
-            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
-            return None
-
-    def end(span: Any, token: Any, exc: Optional[BaseException], sensitive: bool = False) -> None:
-        record = None if exc is None else (lambda s, e: _fail(s, e, config, sensitive))
-        close_span(span, token, site, exc, record)
-
-    def sync_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if _get_value(SUPPRESS_INSTRUMENTATION_KEY):
-            return wrapped(*args, **kwargs)
-        started = begin(instance, args)
-        if started is None:
-            return wrapped(*args, **kwargs)
-        span, token, sensitive = started
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(span, token, exc, sensitive)
-            raise
-        end(span, token, None)
-        return result
-
-    async def async_wrapper(
-        wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-    ) -> Any:
-        if _get_value(SUPPRESS_INSTRUMENTATION_KEY):
-            return await wrapped(*args, **kwargs)
-        started = begin(instance, args)
-        if started is None:
-            return await wrapped(*args, **kwargs)
-        span, token, sensitive = started
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(span, token, exc, sensitive)
-            raise
-        end(span, token, None)
-        return result
-
-    return sync_wrapper, async_wrapper
-
-
-def _describe_command(instance: Any, args: Tuple[Any, ...], config: _Config) -> Any:
-    if not args:
-        return None  # redis-py raises its own error for this
-    return _command_attributes(instance, args, config)
-
-
-def _describe_batch(instance: Any, args: Tuple[Any, ...], config: _Config) -> Any:
-    return _batch_attributes(instance, config)
+# The instrumentor
 
 
 class RedisInstrumentor(Instrumentor):
     name = "redis"
     distribution = "redis"
     supported = ">=4.0,<9"
+    covers = ("redis",)
     modules = ("redis.client", "redis.asyncio.client", "redis.cluster", "redis.asyncio.cluster")
 
     def __init__(self) -> None:
         super().__init__()
         self._config: Optional[_Config] = None
-        self._wrappers: Optional[Dict[str, Tuple[Callable[..., Any], Callable[..., Any]]]] = None
+        self._command = CallSpan(self, self._describe_command, record=self._record, site="redis.command")
+        self._batch = CallSpan(self, self._describe_batch, record=self._record, site="redis.pipeline")
 
     @property
     def config(self) -> _Config:
@@ -465,45 +359,29 @@ class RedisInstrumentor(Instrumentor):
             self._config = _Config()
         return self._config
 
-    def _wrapper(self, kind: str, is_async: bool) -> Callable[..., Any]:
-        if self._wrappers is None:
-            self._wrappers = {
-                "command": _make_wrappers(self, _describe_command, "redis.command"),
-                "batch": _make_wrappers(self, _describe_batch, "redis.pipeline"),
-            }
-        return self._wrappers[kind][1 if is_async else 0]
+    def _describe_command(self, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if not args:
+            return None  # redis-py raises its own error for this
+        return _command_attributes(instance, args, self._config or self.config)
 
-    def instrument(self) -> "RedisInstrumentor":
-        """Patch every target module importable in this redis-py version (tests)."""
-        import importlib
+    def _describe_batch(self, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        return _batch_attributes(instance, self._config or self.config)
 
-        for module_name in self.modules:
-            if module_name in self.patched_modules:
-                continue
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:  # e.g. no redis.asyncio.cluster before redis-py 4.3
-                continue
-            self.patch_module(module_name, module)
-            self.patched_modules.append(module_name)
-        return self
+    def _record(self, span: Any, exc: BaseException, sensitive: bool) -> None:
+        _fail(span, exc, self.config, bool(sensitive))
 
     def patch_module(self, module_name: str, module: Any) -> None:
-        is_async = module_name.startswith("redis.asyncio")
-        command = self._wrapper("command", is_async)
-        batch = self._wrapper("batch", is_async)
         if module_name.endswith(".client"):
-            self.wrap(module, "Redis.execute_command", command)
-            self.wrap(module, "Pipeline.immediate_execute_command", command)
-            self.wrap(module, "Pipeline.execute", batch)
+            self.wrap(module, "Redis.execute_command", self._command)
+            self.wrap(module, "Pipeline.immediate_execute_command", self._command)
+            self.wrap(module, "Pipeline.execute", self._batch)
         elif module_name.endswith(".cluster"):
-            self.wrap(module, "RedisCluster.execute_command", command)
-            self.wrap(module, "ClusterPipeline.execute", batch)
+            self.wrap(module, "RedisCluster.execute_command", self._command)
+            self.wrap(module, "ClusterPipeline.execute", self._batch)
 
     def unpatch_extra(self) -> None:
         # The next patch re-reads the environment (and invalidates the per-pool caches).
         self._config = None
-        self._wrappers = None
 
 
 __all__ = ["RedisInstrumentor", "CAPTURE_ARGS_ENV"]

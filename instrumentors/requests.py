@@ -210,6 +210,7 @@ class RequestsInstrumentor(Instrumentor):
     name = "requests"
     distribution = "requests"
     supported = ">=2.0,<3"
+    covers = ("requests",)
     modules = ("requests",)
 
     def __init__(self) -> None:

@@ -121,6 +121,7 @@ class SQLAlchemyInstrumentor(Instrumentor):
     name = "sqlalchemy"
     distribution = "sqlalchemy"
     supported = ">=1.4,<2.2"
+    covers = ("sqlalchemy",)
     modules = ("sqlalchemy",)
 
     def __init__(self) -> None:
