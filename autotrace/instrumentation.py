@@ -246,7 +246,7 @@ def wrap(owner: Any, path: str, wrapper: Callable[..., Any]) -> Patch:
 
 def _unwrapped(descriptor: Any) -> Any:
     """The function under a (possibly wrapt-wrapped) descriptor."""
-    while isinstance(descriptor, wrapt.ObjectProxy):
+    while isinstance(descriptor, wrapt.FunctionWrapper) or isinstance(descriptor, wrapt.ObjectProxy):
         descriptor = descriptor.__wrapped__
     return descriptor
 

@@ -454,32 +454,51 @@ class PendingSpan:
 _HELD = "_autotrace_pending"
 
 
-def hold(obj: Any, pending: Any, collect: bool = False) -> None:
+def hold(obj: Any, pending: Any, collect: bool = False) -> bool:
     """Keep ``pending`` on ``obj`` until :func:`release` (its close / release / exhaustion hook).
 
     ``collect=True`` also ends it when ``obj`` is garbage-collected, for
     objects whose deletion does not already call the hook that releases.
+    False (and the span ended now) when ``obj`` takes no attributes.
     """
     try:
-        obj.__dict__[_HELD] = pending
-    except (AttributeError, TypeError):
-        setattr(obj, _HELD, pending)
-    if collect:
-        weakref.finalize(obj, pending.end)
+        namespace = obj.__dict__
+        if type(namespace) is dict:
+            namespace[_HELD] = pending
+        else:  # a class: its __dict__ is a read-only proxy
+            setattr(obj, _HELD, pending)
+        if collect:
+            weakref.finalize(obj, pending.end)
+    except AttributeError:
+        try:
+            setattr(obj, _HELD, pending)  # __slots__ with room for it
+            if collect:
+                weakref.finalize(obj, pending.end)
+        except (AttributeError, TypeError):
+            pending.end()
+            return False
+    except TypeError:  # not weak-referenceable
+        pass
+    return True
 
 
 def held(obj: Any) -> Any:
     """The pending span held on ``obj``, or None."""
-    namespace = getattr(obj, "__dict__", None)
-    return namespace.get(_HELD) if namespace is not None else getattr(obj, _HELD, None)
+    return getattr(obj, _HELD, None)
 
 
 def release(obj: Any, exc: Optional[BaseException] = None) -> bool:
     """End the pending span held on ``obj`` (with ``exc`` recorded), if any; True if there was one."""
-    try:
-        pending = obj.__dict__.pop(_HELD, None)
-    except Exception:
-        pending = None
+    namespace = getattr(obj, "__dict__", None)
+    if type(namespace) is dict:
+        pending = namespace.pop(_HELD, None)
+    else:
+        pending = getattr(obj, _HELD, None)
+        if pending is not None:
+            try:
+                delattr(obj, _HELD)
+            except Exception:
+                pass
     if pending is None:
         return False
     pending.end(exc)
