@@ -1,10 +1,10 @@
-"""Unit tests of the shared SQL sanitiser / summariser (instrumentors/_sql.py)."""
+"""Unit tests of the shared SQL sanitiser / summariser (autotrace/sql.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from autotrace.instrumentors._sql import ANSI, MYSQL, flavor_for, sanitize, summarize
+from autotrace.sql import ANSI, MYSQL, flavor_for, sanitize, summarize
 
 SECRET = "4111111111111111"
 
@@ -130,7 +130,7 @@ def test_summaries_are_cached() -> None:
 
 
 def test_long_statements_are_bounded_and_never_leak() -> None:
-    from autotrace.instrumentors import _sql
+    from autotrace import sql as _sql
 
     values = ", ".join(f"({i}, '{SECRET}')" for i in range(20000))  # ~500 KB
     sql = f"INSERT INTO big (id, card) VALUES {values}"
