@@ -24,6 +24,8 @@ database-generic is here, once:
 * :class:`EventSpans` -- the start / end pair for libraries that announce a
   statement through hooks rather than one call to wrap (SQLAlchemy's
   ``before_cursor_execute`` / ``after_cursor_execute`` / ``handle_error``).
+* :data:`QUIET` -- the wrapper for a driver's own housekeeping (pool reset,
+  transaction control, connection set-up): nothing inside it is traced.
 
 Hot path: a statement seen before costs one dict look-up in its
 :class:`StatementCache` (the entry, attribute dict included, is reused; the
@@ -32,6 +34,7 @@ SDK copies the attributes it is given).
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -48,12 +51,13 @@ from autotrace.kit import (
     Suppress,
     record_error,
     span_context,
+    suppressed,
 )
 from autotrace.sql import flavor_for, summarize
 
 __all__ = [
     "SYSTEMS", "OLD_SYSTEMS", "DEFAULT_PORTS", "system_name", "SqlSettings", "connection_attributes",
-    "StatementCache", "ErrorPolicy", "record", "status_code", "scrub_message", "EventSpans",
+    "StatementCache", "ErrorPolicy", "record", "status_code", "scrub_message", "EventSpans", "QUIET",
     "RAW_QUERY_ENV", "MAX_LENGTH_ENV", "DEFAULT_MAX_LENGTH", "STATEMENT_CACHE_SIZE",
 ]
 
@@ -369,3 +373,42 @@ class EventSpans:
                 internal_error(end_site)
 
         self.start, self.end = start, end
+
+
+# --------------------------------------------------------------------------
+# A driver's own statements
+
+
+def _quiet_sync(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    with suppressed():
+        return wrapped(*args, **kwargs)
+
+
+def _quiet_awaitable(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    # The call itself runs now, as unpatched (a decorator's checks raise at the call); its awaitable, quietly.
+    return _quietly(wrapped(*args, **kwargs))
+
+
+async def _quietly(awaitable: Any) -> Any:
+    with suppressed():
+        return await awaitable
+
+
+class _Quiet:
+    """See :data:`QUIET`."""
+
+    __slots__ = ()
+
+    def for_target(self, target: Any) -> Callable[..., Any]:
+        function = getattr(target, "__func__", target)
+        if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(getattr(function, "__wrapped__", None)):
+            return _quiet_awaitable
+        return _quiet_sync
+
+
+#: ``self.wrap(module, "Pool.release", db.QUIET)``: the statements a driver runs by itself
+#: inside the wrapped method (a pool's reset queries, BEGIN / COMMIT of a transaction
+#: object, a connection's set-up probes) make no span -- nothing inside it is traced.
+#: Coroutine functions, and sync functions decorated over one (``functools.wraps``,
+#: e.g. asyncpg's ``connresource.guarded``), are quiet while awaited; others while called.
+QUIET = _Quiet()

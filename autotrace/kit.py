@@ -659,7 +659,7 @@ class ServerSpan(PendingSpan):
             span.update_name(route)
             return
         span.update_name(f"{method} {route}")
-        span.set_attribute("http.route", route)
+        set_attributes(span, {"http.route": route})
 
 
 def start_server_span(
@@ -672,18 +672,20 @@ def start_server_span(
     parent: Optional[Context] = None,
     links: Optional[Sequence[Any]] = None,
     record: Optional[Record] = None,
-) -> ServerSpan:
+    cls: Any = None,
+) -> Any:
     """Start the span of an incoming request or message, child of the context its ``carrier`` brings.
 
     ``parent``: an already extracted context (then ``carrier`` is not read).
-    The span is not made current: call :meth:`ServerSpan.enter`.
+    The span is not made current: call :meth:`ServerSpan.enter`. ``cls``: a
+    :class:`ServerSpan` subclass to build (a framework's request object).
     """
     if parent is None:
         parent = extract(carrier, getter) if carrier is not None else Context()
     tracer = instrumentor._tracer or instrumentor.tracer
     span = tracer.start_span(name, parent, kind, attributes, links)
     try:
-        return ServerSpan(span, span_context(span, parent), record)
+        return (cls or ServerSpan)(span, span_context(span, parent), record)
     except BaseException:
         _end_quietly(span, "kit.server")
         raise

@@ -608,7 +608,7 @@ def test_bug_in_our_code_leaves_request_served(client, spans, monkeypatch):
     assert len(spans.get()) == 2  # still ended, just without the response details
     monkeypatch.undo()
 
-    monkeypatch.setattr(flask_instr, "_TracedBody", broken)
+    monkeypatch.setattr(flask_instr._Request, "body", broken)
     assert client.get("/stream", buffered=False).get_data() == b"first\nsecond\n"
     assert trace.get_current_span() is trace.INVALID_SPAN
 
