@@ -638,7 +638,11 @@ class ServerSpan(PendingSpan):
     __slots__ = ("token",)
 
     def __init__(self, span: Span, context: Context, record: Optional[Record] = None) -> None:
-        super().__init__(span, context, record)
+        self.span = span  # PendingSpan.__init__ inlined: one per request, on every server's hot path
+        self.context = context
+        self.record = record or _default_record
+        self.state = None
+        self.done = False
         self.token: Any = None
 
     def enter(self) -> None:

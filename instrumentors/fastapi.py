@@ -10,10 +10,9 @@ Patched at class level (import-order proof, no subclassing):
 * ``starlette.background.BackgroundTask.__call__`` -- each background task gets
   its own INTERNAL span, child of the (already ended) request span.
 
-Per request there is one wrapper around the app call and one around ``send``.
-The span ends after the last ``http.response.body`` message was sent (so a
-streaming response is timed in full and background tasks do not stretch it),
-or when the app raises, or when the app returns without finishing the response.
+The request itself -- attributes, propagation, exclusion, the ``send`` wrapper
+that ends the span after the last response message -- is
+:mod:`autotrace.asgi`'s; this file adds what FastAPI and Starlette know.
 
 FastAPI's built-in OpenTelemetry (``fastapi.telemetry``, FastAPI >= 0.144)
 switches itself on when an SDK tracer provider is global -- which autotrace
@@ -32,18 +31,16 @@ request is already traced through its own ``"starlette.opentelemetry"`` key.
 
 from __future__ import annotations
 
-import time
-from typing import Any, Dict, List, Optional, Tuple
+import dataclasses
+import sys
+from typing import Any, Dict, Optional, Tuple
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 
-from autotrace import http as _http
-from autotrace._log import error_once
+from autotrace import asgi
 from autotrace.config import env
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, record_exception
+from autotrace.kit import INTERNAL, CallSpan, Instrumentor, guarded, record_error
 
 #: Scope key marking a request already handled by an outer traced app.
 SCOPE_MARKER = "autotrace.server_span"
@@ -54,44 +51,11 @@ _STARLETTE_KEY = "starlette.opentelemetry"
 INTERNAL_SPANS_ENV = "AUTOTRACE_FASTAPI_INTERNAL_SPANS"
 ASGI_MESSAGE_SPANS_ENV = "AUTOTRACE_FASTAPI_ASGI_MESSAGE_SPANS"
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _SITE = "fastapi.request"
-
-
-class _ScopeHeadersGetter(Getter):  # type: ignore[type-arg]
-    """Reads propagation headers straight from ASGI ``(bytes, bytes)`` pairs."""
-
-    def get(self, carrier: Any, key: str) -> Optional[List[str]]:
-        wanted = key.lower().encode("latin-1")
-        values = [bytes(v).decode("latin-1") for n, v in carrier if bytes(n).lower() == wanted]
-        if not values:
-            return None
-        if key == "baggage" and len(values) > 1:
-            return [",".join(values)]  # the W3C baggage propagator reads only the first value
-        return values
-
-    def keys(self, carrier: Any) -> List[str]:
-        return [bytes(n).decode("latin-1") for n, _ in carrier]
-
-
-_GETTER = _ScopeHeadersGetter()
-
-
-def _authority(host: Optional[str], scheme: str, server: Any) -> Tuple[Optional[str], Optional[int]]:
-    """``server.address``/``server.port`` from the Host header, else the ASGI ``server``."""
-    if host:
-        if host.startswith("["):  # [ipv6]:port
-            end = host.find("]")
-            address = host[1:end] if end > 0 else host
-            rest = host[end + 1:] if end > 0 else ""
-            port_text = rest[1:] if rest.startswith(":") else ""
-        else:
-            address, _, port_text = host.partition(":")
-        port = int(port_text) if port_text.isdigit() else _DEFAULT_PORTS.get(scheme)
-        return address or None, port
-    if server and len(server) >= 2:
-        return server[0], server[1]
-    return None, None
+_MESSAGE_SITE = "fastapi.message"
+#: The fields we set on FastAPI's ``_RequestTelemetry``.
+_NATIVE_ARGS = frozenset({"span", "span_method", "tracer", "logger", "data", "_mount_prefix"})
+_MISSING = dataclasses.MISSING
 
 
 def _fallback_route(scope: Dict[str, Any]) -> Optional[str]:
@@ -105,109 +69,77 @@ def _fallback_route(scope: Dict[str, Any]) -> Optional[str]:
     return (scope.get("root_path") or "").rstrip("/") + path_format
 
 
-def _native_telemetry_class() -> Any:
-    """FastAPI's ``_RequestTelemetry`` if it has the fields we rely on, else None."""
-    try:
-        from fastapi.telemetry._api import _RequestTelemetry  # type: ignore[import-not-found]
+def _native_api() -> Tuple[Any, Any]:
+    """FastAPI's ``_RequestTelemetry`` (None unless it takes the fields we rely on) and its context key.
 
-        probe = _RequestTelemetry(span=None, span_method="GET", tracer=None, logger=None, data=None, _mount_prefix="")
-        if probe.route is None and hasattr(probe, "_exceptions"):
-            return _RequestTelemetry
-    except Exception:
-        pass
-    return None
-
-
-def _native_context_key() -> Any:
-    try:
-        from fastapi.telemetry._api import _REQUEST_TELEMETRY_KEY  # type: ignore[import-not-found]
-
-        return _REQUEST_TELEMETRY_KEY
-    except Exception:
-        return None
-
-
-class _Request:
-    """State of one traced request; ``send`` is the wrapper handed to the app."""
-
-    __slots__ = (
-        "owner", "span", "inner_send", "scope", "telemetry", "method", "status",
-        "trailers", "end_ns", "ended", "deferred",
+    Read from the loaded module (``fastapi.applications`` imports it where it
+    exists): probing never imports anything nor raises.
+    """
+    api = sys.modules.get("fastapi.telemetry._api")
+    cls = getattr(api, "_RequestTelemetry", None)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    route = fields.get("route")
+    usable = (
+        _NATIVE_ARGS <= fields.keys() and "_exceptions" in fields and route is not None and route.default is None
+        and all(  # constructible with just our arguments
+            f.init if name in _NATIVE_ARGS
+            else not f.init or f.default is not _MISSING or f.default_factory is not _MISSING
+            for name, f in fields.items()
+        )
     )
+    return (cls if usable else None), getattr(api, "_REQUEST_TELEMETRY_KEY", None)
 
-    def __init__(self, owner: "FastAPIInstrumentor", span: Any, inner_send: Any, scope: Dict[str, Any],
-                 telemetry: Any, method: str) -> None:
-        self.owner = owner
-        self.span = span
-        self.inner_send = inner_send
-        self.scope = scope
-        self.telemetry = telemetry
-        self.method = method  # method as used in the span name ("HTTP" for unknown ones)
-        self.status: Optional[int] = None
-        self.trailers = False
-        self.end_ns: Optional[int] = None
-        self.ended = False
-        self.deferred = False
 
-    async def send(self, message: Any) -> None:
-        if self.ended or self.deferred:
-            await self.inner_send(message)
-            return
-        try:
-            kind = message["type"]
-            if kind == "http.response.start":
-                self.status = message["status"]
-                self.trailers = bool(message.get("trailers", False))
-                if _http.header_capture_enabled("server_response"):
-                    self.span.set_attributes(_http.capture_headers("server_response", message.get("headers") or ()))
-                last = False
-            else:
-                last = (
-                    (kind == "http.response.body" and not message.get("more_body", False) and not self.trailers)
-                    or (kind == "http.response.trailers" and not message.get("more_trailers", False))
-                    or kind == "http.response.pathsend"
-                )
-        except Exception:
-            error_once(_SITE, "autotrace: internal error in %s; the program continues, this call may be untraced", _SITE)
-            last = False
-        await self.inner_send(message)
-        if last:
-            self.end_ns = time.time_ns()
-            if self.status is not None and self.status >= 500:
-                # A 5xx may be followed by the exception that caused it (Starlette's
-                # ServerErrorMiddleware sends the 500, then re-raises): end when the
-                # app call returns or raises, with this end time.
-                self.deferred = True
-            else:
-                self.finish(None)
+class _Request(asgi.AsgiRequest):
+    """A request served by a Starlette or FastAPI app; ``telemetry``: FastAPI's route reporter, if any."""
 
-    def finish(self, exc: Optional[BaseException]) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        span = self.span
-        try:
-            route = self.telemetry.route if self.telemetry is not None else None
-            named = route
-            if route is None or route.endswith("/{path}"):
-                # FastAPI reports only FastAPI routers; a plain Starlette app mounted
-                # below (or an older FastAPI) leaves its route in the scope.
-                path_format = getattr(self.scope.get("route"), "path_format", None)
-                if isinstance(path_format, str) and (route is None or not route.endswith(path_format)):
-                    route = _fallback_route(self.scope) or route
-            if route is not None and route != named:
-                span.update_name(f"{self.method} {route}")
-                span.set_attribute("http.route", route)
-            if self.status is not None:
-                _http.set_server_status(span, self.status)
-            if exc is not None:
-                record_exception(span, exc)
-        except Exception:
-            error_once(_SITE, "autotrace: internal error in %s; the program continues, this call may be untraced", _SITE)
-        try:
-            span.end(end_time=self.end_ns)
-        except Exception:
-            error_once(_SITE + ".end", "autotrace: internal error ending a span in %s", _SITE)
+    __slots__ = ("telemetry",)
+
+    def channels(self, receive: Any) -> Tuple[Any, Any]:
+        self.telemetry = None
+        return self.owner._start(self, receive)
+
+    def route(self) -> Optional[str]:
+        """The route when FastAPI did not report it (a plain Starlette app below, an older FastAPI)."""
+        named = route = self.telemetry.route if self.telemetry is not None else None
+        if route is None or route.endswith("/{path}"):
+            path_format = getattr(self.scope.get("route"), "path_format", None)
+            if isinstance(path_format, str) and (route is None or not route.endswith(path_format)):
+                route = _fallback_route(self.scope) or route
+        return route if route != named else None
+
+
+# -- opt-in ASGI message spans ----------------------------------------------------
+
+
+def _describe_receive(request: _Request, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    return f"{request.span.name} http receive", {}
+
+
+def _received(span: Any, message: Any, state: Any) -> None:
+    span.set_attribute("asgi.event.type", message.get("type", ""))
+
+
+def _describe_send(request: _Request, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    return f"{request.span.name} http send", {"asgi.event.type": args[0].get("type", "")}
+
+
+def _record_message_error(span: Any, exc: BaseException, state: Any) -> None:
+    if isinstance(exc, Exception):  # a cancelled receive (client gone) is no error of the message
+        record_error(span, exc)
+
+
+# -- background tasks ------------------------------------------------------------
+
+
+def _describe_background(instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    current = trace.get_current_span()
+    if not current.get_span_context().is_valid or getattr(current, "name", None) == "fastapi.background_task":
+        return None  # outside a request, or FastAPI's own span (internal spans on) already covers it
+    func = getattr(instance, "func", None)
+    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
+    module = getattr(func, "__module__", None) or type(func).__module__
+    return f"background_task {qualname}", {"code.function.name": f"{module}.{qualname}"}
 
 
 class FastAPIInstrumentor(Instrumentor):
@@ -223,9 +155,8 @@ class FastAPIInstrumentor(Instrumentor):
         self._message_spans = False
         self._native_cls: Any = None
         self._native_key: Any = None
-        self._has_native = False
-        self._has_starlette_mw = False
         self._fastapi_cls: Any = ()
+        self._message_span_calls: Any = None
 
     # -- patching -------------------------------------------------------------
     def patch_module(self, module_name: str, module: Any) -> None:
@@ -238,65 +169,60 @@ class FastAPIInstrumentor(Instrumentor):
         reader = env()
         self._internal_spans = reader.flag(INTERNAL_SPANS_ENV, False)
         self._message_spans = reader.flag(ASGI_MESSAGE_SPANS_ENV, False)
-        self._has_native = importlib.util.find_spec("fastapi.telemetry") is not None
-        if self._has_native:
-            self._native_cls = _native_telemetry_class()
-            self._native_key = _native_context_key()
-        try:
-            self._has_starlette_mw = importlib.util.find_spec("starlette.middleware.opentelemetry") is not None
-        except Exception:
-            self._has_starlette_mw = False
-
-        handler = self._make_app_wrapper()
+        claims = []
+        if importlib.util.find_spec("starlette.middleware.opentelemetry") is not None:
+            claims.append((_STARLETTE_KEY, True))
+        if importlib.util.find_spec("fastapi.telemetry") is not None:
+            claims.append((_FASTAPI_KEY, None))
+            self._native_cls, self._native_key = _native_api()
+        message = dict(kind=INTERNAL, record=_record_message_error, site=_MESSAGE_SITE)
+        self._message_span_calls = (
+            CallSpan(self, _describe_receive, finish=_received, **message).async_,
+            CallSpan(self, _describe_send, **message).async_,
+        )
+        server = asgi.AsgiServer(self, _Request, marker=SCOPE_MARKER, claims=claims)
         self._fastapi_cls = fastapi.applications.FastAPI
+        handler = self._make_app_wrapper(server.serve)
         self.wrap(starlette.applications, "Starlette.__call__", handler)
         self.wrap(fastapi.applications, "FastAPI.__call__", handler)
-        self.wrap(starlette.background, "BackgroundTask.__call__", self._make_background_wrapper())
+        self.wrap(starlette.background, "BackgroundTask.__call__", CallSpan(self, _describe_background, INTERNAL))
 
     # -- the request path ----------------------------------------------------------
-    def _make_app_wrapper(self) -> Any:
-        traced = self._traced
+    def _make_app_wrapper(self, serve: Any) -> Any:
         nested = self._nested_fastapi
 
         def app_call(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
             if len(args) == 3 and not kwargs:
                 scope = args[0]
-                try:
-                    is_http = scope["type"] == "http"
-                    outer = scope.get(SCOPE_MARKER, False) if is_http else False
-                except Exception:
-                    is_http = False
-                    outer = False
-                if is_http:
+                if isinstance(scope, dict) and scope.get("type") == "http":
+                    outer = scope.get(SCOPE_MARKER, False)
                     if outer is False:
-                        return traced(wrapped, instance, scope, args[1], args[2])
-                    if outer is not None and outer.telemetry is None and isinstance(instance, self._fastapi_cls):
+                        return serve(wrapped, instance, scope, args[1], args[2])
+                    if (outer is not None and getattr(outer, "telemetry", 0) is None
+                            and isinstance(instance, self._fastapi_cls)):
                         return nested(wrapped, instance, outer, args)
             return wrapped(*args, **kwargs)
 
         return app_call
 
-    def _nested_fastapi(self, wrapped: Any, instance: Any, request: "_Request", args: Tuple[Any, ...]) -> Any:
+    def _start(self, request: _Request, receive: Any) -> Tuple[Any, Any]:
+        """FastAPI's part of a traced request's start: its route reporter, the message spans."""
+        if self._native_cls is not None and isinstance(request.app, self._fastapi_cls):
+            request.context = self._attach_native(request.app, request.scope, request, request.context)
+        if self._message_spans:
+            return self._message_channels(request, receive)
+        return receive, request.send
+
+    def _nested_fastapi(self, wrapped: Any, instance: Any, request: _Request, args: Tuple[Any, ...]) -> Any:
         """A FastAPI app below a traced plain-Starlette app: let it report its routes to our span."""
         ctx = None
-        try:
-            if self._native_cls is not None:
-                ctx = self._attach_native(instance, args[0], request, otel_context.get_current())
-        except Exception:
-            error_once(_SITE, "autotrace: internal error in %s; the program continues, this call may be untraced", _SITE)
+        if self._native_cls is not None:
+            ctx = self._attach_native_guarded(instance, args[0], request, otel_context.get_current())
         if ctx is None or not self._internal_spans:
             return wrapped(*args)
+        return asgi.call_in_context(ctx, wrapped, args)
 
-        async def run() -> None:
-            token = otel_context.attach(ctx)
-            try:
-                await wrapped(*args)
-            finally:
-                otel_context.detach(token)
-
-        return run()
-
-    def _attach_native(self, instance: Any, scope: Dict[str, Any], request: "_Request", ctx: Any) -> Any:
+    def _attach_native(self, instance: Any, scope: Dict[str, Any], request: _Request, ctx: Any) -> Any:
         """Hand FastAPI's router an object that reports route selections to our span."""
         # root_path includes the prefixes of the mounts above this app (app_root_path does not).
         root_path = getattr(instance, "root_path", None) or scope.get("root_path", "")
@@ -314,174 +240,17 @@ class FastAPIInstrumentor(Instrumentor):
             ctx = otel_context.set_value(self._native_key, telemetry, ctx)
         return ctx
 
-    async def _traced(self, wrapped: Any, instance: Any, scope: Dict[str, Any], receive: Any, send: Any) -> None:
-        request: Optional[_Request] = None
-        token = None
-        try:
-            request, ctx = self._start(instance, scope, send)
-            if ctx is not None:
-                token = otel_context.attach(ctx)
-        except Exception:
-            error_once(_SITE, "autotrace: internal error in %s; the program continues, this call may be untraced", _SITE)
-        if request is None:
-            try:
-                await wrapped(scope, receive, send)
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-                self._cleanup(scope)
-            return
-        if self._message_spans:
-            receive, app_send = self._message_wrappers(request, receive)
-        else:
-            app_send = request.send
-        try:
-            await wrapped(scope, receive, app_send)
-        except BaseException as exc:
-            request.finish(exc)
-            raise
-        else:
-            if not request.ended:
-                request.finish(None)
-        finally:
-            if token is not None:
-                otel_context.detach(token)
-            self._cleanup(scope)
+    _attach_native_guarded = guarded(_SITE)(_attach_native)
 
-    def _cleanup(self, scope: Dict[str, Any]) -> None:
-        scope.pop(SCOPE_MARKER, None)
-        if self._has_native:
-            scope.pop(_FASTAPI_KEY, None)
-        if self._has_starlette_mw:
-            scope.pop(_STARLETTE_KEY, None)
+    def _message_channels(self, request: _Request, receive: Any) -> Tuple[Any, Any]:
+        """``receive`` and ``send`` with one INTERNAL span per ASGI message."""
+        traced_receive, traced_send = self._message_span_calls
+        send = request.send
 
-    def _start(self, instance: Any, scope: Dict[str, Any], send: Any) -> Tuple[Optional[_Request], Any]:
-        """Mark the scope and start the span; ``(None, ctx_or_None)`` when untraced."""
-        scope[SCOPE_MARKER] = None  # handled here (None: untraced); nested apps pass through
-        if self._has_starlette_mw:
-            scope[_STARLETTE_KEY] = True
-        if self._has_native:
-            scope[_FASTAPI_KEY] = None
-        if otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY):
-            return None, None
+        def receive_message() -> Any:
+            return traced_receive(receive, request, (), {})
 
-        headers = scope.get("headers") or ()
-        scheme = scope.get("scheme") or "http"
-        path = scope.get("path") or ""
-        host = user_agent = None
-        for raw_name, raw_value in headers:
-            if raw_name == b"host":
-                host = bytes(raw_value).decode("latin-1")
-            elif raw_name == b"user-agent":
-                user_agent = bytes(raw_value).decode("latin-1")
+        def send_message(message: Any) -> Any:
+            return traced_send(send, request, (message,), {})
 
-        excluded = _http.excluded_urls("fastapi")
-        if excluded and excluded.match(f"{scheme}://{host or ''}{path}"):
-            return None, None
-
-        method, original = _http.normalize_method(scope.get("method"))
-        span_method = "HTTP" if method == "_OTHER" else method
-        attributes: Dict[str, Any] = {
-            "http.request.method": method,
-            "url.path": path,
-            "url.scheme": scheme,
-        }
-        if original is not None:
-            attributes["http.request.method_original"] = original
-        query = scope.get("query_string")
-        if query:
-            attributes["url.query"] = _http.redact_query(bytes(query).decode("latin-1"))
-        address, port = _authority(host, scheme, scope.get("server"))
-        if address:
-            attributes["server.address"] = address
-            if port is not None:
-                attributes["server.port"] = port
-        client = scope.get("client")
-        if client:
-            attributes["client.address"] = client[0]
-        version = scope.get("http_version")
-        if version:
-            attributes["network.protocol.version"] = version
-        if user_agent is not None:
-            attributes["user_agent.original"] = user_agent
-        if _http.header_capture_enabled("server_request"):
-            attributes.update(_http.capture_headers("server_request", headers))
-        _http.with_old_names(attributes, client=False)
-
-        parent = propagate.extract(headers, getter=_GETTER)
-        span = self.tracer.start_span(span_method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-        ctx = trace.set_span_in_context(span, parent)
-
-        if not span.is_recording():
-            # Sampled out: keep the context (for propagation), skip the send wrapper.
-            span.end()
-            scope[SCOPE_MARKER] = None
-            return None, ctx
-        request = _Request(self, span, send, scope, None, span_method)
-        scope[SCOPE_MARKER] = request
-        if self._native_cls is not None and isinstance(instance, self._fastapi_cls):
-            ctx = self._attach_native(instance, scope, request, ctx)
-        return request, ctx
-
-    # -- opt-in ASGI message spans -------------------------------------------------
-    def _message_wrappers(self, request: _Request, receive: Any) -> Tuple[Any, Any]:
-        tracer = self.tracer
-
-        async def traced_receive() -> Any:
-            with tracer.start_as_current_span(f"{request.span.name} http receive", kind=SpanKind.INTERNAL) as span:
-                message = await receive()
-                span.set_attribute("asgi.event.type", message.get("type", ""))
-                return message
-
-        async def traced_send(message: Any) -> None:
-            with tracer.start_as_current_span(
-                f"{request.span.name} http send", kind=SpanKind.INTERNAL,
-                attributes={"asgi.event.type": message.get("type", "")},
-            ):
-                await request.send(message)
-
-        return traced_receive, traced_send
-
-    # -- background tasks ------------------------------------------------------------
-    def _make_background_wrapper(self) -> Any:
-        instrumentor = self
-
-        async def run_task(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-            span = None
-            token = None
-            try:
-                current = trace.get_current_span()
-                if (
-                    current.get_span_context().is_valid
-                    and getattr(current, "name", None) != "fastapi.background_task"  # FastAPI's own, when enabled
-                    and not otel_context.get_value(SUPPRESS_INSTRUMENTATION_KEY)
-                ):
-                    func = getattr(instance, "func", None)
-                    qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
-                    module = getattr(func, "__module__", None) or type(func).__module__
-                    span = instrumentor.tracer.start_span(
-                        f"background_task {qualname}",
-                        kind=SpanKind.INTERNAL,
-                        attributes={"code.function.name": f"{module}.{qualname}"},
-                    )
-                    token = otel_context.attach(trace.set_span_in_context(span))
-            except Exception:
-                error_once("fastapi.background", "autotrace: internal error in %s; the program continues", "fastapi.background")
-            if span is None:
-                return await wrapped(*args, **kwargs)
-            try:
-                return await wrapped(*args, **kwargs)
-            except BaseException as exc:
-                try:
-                    record_exception(span, exc)
-                except Exception:
-                    pass
-                raise
-            finally:
-                try:
-                    otel_context.detach(token)
-                    span.end()
-                except Exception:
-                    error_once("fastapi.background", "autotrace: internal error in %s; the program continues", "fastapi.background")
-
-        return run_task
+        return receive_message, send_message
