@@ -344,6 +344,8 @@ def _call_wrappers(
     def failed(span: Span, token: Any, exc: BaseException, state: Any) -> None:
         try:
             detach(token)
+            if not span.is_recording():
+                return  # ended already (a retry hook ended the attempt), or never sampled
             record(span, exc, state)
         except Exception:
             internal_error(site)

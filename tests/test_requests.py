@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 import requests
@@ -16,86 +14,14 @@ from opentelemetry.trace import SpanKind, StatusCode
 from urllib3.util.retry import Retry
 
 from autotrace.instrumentors.requests import RequestsInstrumentor
+from tests.support.http_server import HTTPTestServer as Server
 from tests.support.receiver import OTLPReceiver
-
-
-class Server:
-    def __init__(self) -> None:
-        self.seen: List[Tuple[str, Dict[str, str]]] = []
-        self.counts: Dict[str, int] = {}
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, status: int, body: bytes = b"ok", headers: Dict[str, str] = {}) -> None:
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def handle_one(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                with server.lock:
-                    server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
-                parts = self.path.split("?")[0].strip("/").split("/")
-                if parts[0] == "status":
-                    self.reply(int(parts[1]))
-                elif parts[0] == "redirect":
-                    left = int(parts[1])
-                    target = f"/redirect/{left - 1}" if left > 1 else "/ok"
-                    self.reply(302, b"", {"Location": target})
-                elif parts[0] == "flaky":  # /flaky/<key>/<failures>
-                    with server.lock:
-                        count = server.counts[parts[1]] = server.counts.get(parts[1], 0) + 1
-                    self.reply(503 if count <= int(parts[2]) else 200)
-                elif parts[0] == "slow":
-                    time.sleep(1.0)
-                    self.reply(200)
-                elif parts[0] == "stream":
-                    self.send_response(200)
-                    self.send_header("Content-Length", "6")
-                    self.end_headers()
-                    for chunk in (b"ab", b"cd", b"ef"):
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                        time.sleep(0.15)
-                elif parts[0] == "headers":
-                    self.reply(200, b"ok", {"X-Resp": "r1", "Set-Cookie": "sid=secret"})
-                else:
-                    self.reply(200, b"hello")
-
-            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PURGE = handle_one
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def headers_for(self, path: str) -> List[Dict[str, str]]:
-        with self.lock:
-            return [headers for seen_path, headers in self.seen if seen_path == path]
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    s = Server()
-    yield s
-    s.stop()
+    with Server() as s:
+        yield s
 
 
 @pytest.fixture
