@@ -245,6 +245,10 @@ def status_code(exc: BaseException, system: str = "") -> Optional[str]:
     SQLite's ``sqlite_errorcode`` (Python 3.11+), and for MySQL / MariaDB the
     errno that PyMySQL and mysqlclient put first in ``args``.
     """
+    if system in ("mysql", "mariadb"):  # the errno first: PyMySQL 1.2 also sets a generic sqlstate
+        args = getattr(exc, "args", ())
+        if args and isinstance(args[0], int):
+            return str(args[0])
     for attr in ("sqlstate", "pgcode"):
         code = getattr(exc, attr, None)
         if code:
@@ -252,11 +256,15 @@ def status_code(exc: BaseException, system: str = "") -> Optional[str]:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return str(code)
-    if system in ("mysql", "mariadb"):
-        args = getattr(exc, "args", ())
-        if args and isinstance(args[0], int):
-            return str(args[0])
     return None
+
+
+def _message(exc: BaseException, system: str) -> str:
+    """The driver's own text: MySQL drivers keep it in ``args[1]`` (``str(exc)`` is the args tuple)."""
+    args = getattr(exc, "args", ())
+    if system in ("mysql", "mariadb") and len(args) >= 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        return args[1]
+    return str(exc)
 
 
 def record(span: Span, exc: BaseException, policy: Optional[ErrorPolicy]) -> None:
@@ -268,12 +276,13 @@ def record(span: Span, exc: BaseException, policy: Optional[ErrorPolicy]) -> Non
     """
     if not span.is_recording():
         return
-    code = status_code(exc, policy.system if policy is not None else "")
+    system = policy.system if policy is not None else ""
+    code = status_code(exc, system)
     raw = policy is not None and policy.raw_query
     record_error(
         span,
         exc,
-        message=None if raw else scrub_message(str(exc)),
+        message=None if raw else scrub_message(_message(exc, system)),
         error=code,
         attributes=None if code is None else {"db.response.status_code": code},
     )

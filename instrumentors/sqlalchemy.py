@@ -79,6 +79,11 @@ class SQLAlchemyInstrumentor(Instrumentor):
         ):
             event.listen(Engine, identifier, fn, retval=retval)
             self._listeners.append((Engine, identifier, fn))
+        # A new pool connection: the DBAPI connect, the dialect's first-connect queries (select version(),
+        # show standard_conforming_strings ...), on-connect hooks and pre-ping make no driver spans.
+        from sqlalchemy.pool import base as pool_base
+
+        self.wrap(pool_base, "_ConnectionFairy._checkout", db.QUIET)
 
     def unpatch_extra(self) -> None:
         if not self._listeners:

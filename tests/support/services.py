@@ -14,6 +14,7 @@ import pytest
 REDIS = ("127.0.0.1", 6379, "Redis")
 POSTGRES = ("127.0.0.1", 5432, "PostgreSQL")
 RABBITMQ = ("127.0.0.1", 5672, "RabbitMQ")
+MARIADB = ("127.0.0.1", 3306, "MariaDB")
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
