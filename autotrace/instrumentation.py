@@ -12,8 +12,8 @@ set. Everything that must be right once for all libraries lives here:
   restore the original exactly.
 * ``guard`` / ``guarded`` -- our code never raises into the host program: an
   error is logged once per site and the user's call proceeds.
-* ``traced_call`` -- the common "span around a call" wrapper, for sync and
-  async callables, with exceptions recorded and re-raised unchanged.
+* The span lifecycle itself (spans around calls, spans that outlive them,
+  server spans, the error policy) is :mod:`autotrace.kit`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import (
     Any,
     Callable,
     ClassVar,
-    Dict,
     List,
     Optional,
     Sequence,
@@ -37,7 +36,6 @@ from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-from opentelemetry.trace import Span, Status, StatusCode
 
 from autotrace import __version__
 from autotrace._log import error_once
@@ -358,129 +356,3 @@ class Instrumentor:
 
     def reset_tracer(self) -> None:
         self._tracer = None
-
-
-# --------------------------------------------------------------------------
-# Span helpers
-
-
-def record_exception(span: Span, exc: BaseException, error_type: Optional[str] = None) -> None:
-    """Mark ``span`` failed by ``exc``: exception event, ERROR status, ``error.type``."""
-    if not span.is_recording():
-        return
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1024]))
-    span.set_attribute("error.type", error_type or _qualified_name(type(exc)))
-
-
-def _qualified_name(cls: type) -> str:
-    module = cls.__module__
-    if module in ("builtins", "__main__") or not module:
-        return cls.__qualname__
-    return f"{module}.{cls.__qualname__}"
-
-
-def close_span(
-    span: Span,
-    token: Any,
-    site: str,
-    exc: Optional[BaseException] = None,
-    record: Optional[Callable[[Span, BaseException], None]] = None,
-) -> None:
-    """Detach ``token``, record ``exc`` (with ``record``, default :func:`record_exception`), end ``span``.
-
-    The one way every instrumentor ends a span it made current: it never raises
-    into the program, and the span is ended even when recording fails.
-    """
-    try:
-        if token is not None:
-            otel_context.detach(token)
-        if exc is not None:
-            (record or record_exception)(span, exc)
-    except Exception:
-        error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
-    finally:
-        try:
-            span.end()
-        except Exception:
-            error_once(site + ".end", "autotrace: internal error ending a span in %s", site)
-
-
-StartFn = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Optional[Span]]
-FinishFn = Callable[[Span, Any], None]
-
-
-def traced_call(
-    site: str,
-    start: StartFn,
-    finish: Optional[FinishFn] = None,
-    http: bool = False,
-    is_async: Optional[bool] = None,
-) -> Callable[..., Any]:
-    """Build a wrapt wrapper that runs the call inside a span.
-
-    ``start(instance, args, kwargs)`` returns a started span, or ``None`` to
-    leave the call untraced. ``finish(span, result)`` sets result attributes.
-    Both run under :class:`guard`; the span is current during the call; an
-    exception is recorded on the span and re-raised unchanged. Coroutine
-    functions get an async wrapper, so the span covers the awaited work
-    (pass ``is_async`` when known, to skip the per-call check).
-    ``http=True`` makes the call skip when an outer HTTP client span already
-    suppresses nested HTTP instrumentation, and suppress it for the inner call.
-    """
-
-    def begin(instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Optional[Span], Any]:
-        if is_suppressed(http):
-            return None, None
-        try:
-            span = start(instance, args, kwargs)
-            if span is None:
-                return None, None
-            ctx = trace.set_span_in_context(span)
-            if http:
-                ctx = otel_context.set_value(_SUPPRESS_HTTP_INSTRUMENTATION_KEY, True, ctx)
-            return span, otel_context.attach(ctx)
-        except Exception:
-            error_once(site, "autotrace: internal error in %s; the program continues, this call may be untraced", site)
-            return None, None
-
-    def end(span: Span, token: Any, result: Any, exc: Optional[BaseException]) -> None:
-        if exc is None and finish is not None:
-            with guard(site):
-                finish(span, result)
-        close_span(span, token, site, exc)
-
-    def sync_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        span, token = begin(instance, args, kwargs)
-        if span is None:
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(span, token, None, exc)
-            raise
-        end(span, token, result, None)
-        return result
-
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if inspect.iscoroutinefunction(wrapped):
-            return async_wrapper(wrapped, instance, args, kwargs)
-        return sync_wrapper(wrapped, instance, args, kwargs)
-
-    async def async_wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        span, token = begin(instance, args, kwargs)
-        if span is None:
-            return await wrapped(*args, **kwargs)
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end(span, token, None, exc)
-            raise
-        end(span, token, result, None)
-        return result
-
-    if is_async is True:
-        return async_wrapper
-    if is_async is False:
-        return sync_wrapper
-    return wrapper

@@ -34,6 +34,8 @@ UPSTREAM_GROUP = "opentelemetry_instrumentor"
 UPSTREAM_TRIGGER_MODULES = {
     "tortoiseorm": "tortoise",
     "aio-pika": "aio_pika",
+    "aiohttp-server": "aiohttp.web",
+    "aiohttp-client": "aiohttp",
     "grpc_client": "grpc",
     "grpc_server": "grpc",
     "grpc_aio_client": "grpc",

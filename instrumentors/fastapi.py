@@ -1,5 +1,14 @@
 """FastAPI / Starlette: one SERVER span per HTTP request.
 
+Two instrumentors share this file: :class:`FastAPIInstrumentor` (entry point
+``fastapi``, loaded on ``import fastapi``) and :class:`StarletteInstrumentor`
+(entry point ``starlette``, loaded on ``import starlette``) for Starlette apps
+in programs that never import fastapi. Once fastapi is imported, its
+instrumentor takes Starlette's classes over (every app is traced exactly as
+before, under the ``fastapi`` name), or -- when ``fastapi`` is switched off --
+the Starlette one steps aside too, so that switch keeps meaning "no
+FastAPI/Starlette spans".
+
 Patched at class level (import-order proof, no subclassing):
 
 * ``starlette.applications.Starlette.__call__`` and
@@ -33,13 +42,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from autotrace import asgi
-from autotrace.config import env
+from autotrace.config import env, get_settings
 from autotrace.kit import INTERNAL, CallSpan, Instrumentor, guarded, record_error
 
 #: Scope key marking a request already handled by an outer traced app.
@@ -56,6 +65,8 @@ _MESSAGE_SITE = "fastapi.message"
 #: The fields we set on FastAPI's ``_RequestTelemetry``.
 _NATIVE_ARGS = frozenset({"span", "span_method", "tracer", "logger", "data", "_mount_prefix"})
 _MISSING = dataclasses.MISSING
+#: The instrumentors whose wrappers are on Starlette's classes now (the fastapi one takes them over).
+_ACTIVE: List[Instrumentor] = []
 
 
 def _fallback_route(scope: Dict[str, Any]) -> Optional[str]:
@@ -157,14 +168,42 @@ class FastAPIInstrumentor(Instrumentor):
         self._native_key: Any = None
         self._fastapi_cls: Any = ()
         self._message_span_calls: Any = None
+        self._wrappers: Any = None  # (app wrapper, background CallSpan): built once, so patching twice adds none
 
     # -- patching -------------------------------------------------------------
     def patch_module(self, module_name: str, module: Any) -> None:
-        import importlib.util
-
         import fastapi.applications
         import starlette.applications
         import starlette.background
+
+        for other in [i for i in _ACTIVE if isinstance(i, StarletteInstrumentor)]:
+            other.stand_down()  # FastAPI is here: this instrumentor traces every app, as it always did
+        self._fastapi_cls = fastapi.applications.FastAPI
+        handler, background = self._built(fastapi_telemetry=True)
+        self.wrap(starlette.applications, "Starlette.__call__", handler)
+        self.wrap(fastapi.applications, "FastAPI.__call__", handler)
+        self.wrap(starlette.background, "BackgroundTask.__call__", background)
+        if self not in _ACTIVE:
+            _ACTIVE.append(self)
+
+    def unpatch_extra(self) -> None:
+        self._wrappers = None
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+    def _built(self, fastapi_telemetry: bool) -> Any:
+        if self._wrappers is None:
+            serve = self._server(fastapi_telemetry)
+            self._wrappers = (self._make_app_wrapper(serve), CallSpan(self, _describe_background, INTERNAL))
+        return self._wrappers
+
+    def _server(self, fastapi_telemetry: bool) -> Any:
+        """The switches, the scope claims and the message spans; the :class:`asgi.AsgiServer` of the requests.
+
+        ``fastapi_telemetry``: probe FastAPI's built-in telemetry (imports
+        fastapi); else its scope key is claimed (with None) if fastapi is installed.
+        """
+        import importlib.util
 
         reader = env()
         self._internal_spans = reader.flag(INTERNAL_SPANS_ENV, False)
@@ -172,20 +211,17 @@ class FastAPIInstrumentor(Instrumentor):
         claims = []
         if importlib.util.find_spec("starlette.middleware.opentelemetry") is not None:
             claims.append((_STARLETTE_KEY, True))
-        if importlib.util.find_spec("fastapi.telemetry") is not None:
+        if fastapi_telemetry and importlib.util.find_spec("fastapi.telemetry") is not None:
             claims.append((_FASTAPI_KEY, None))
             self._native_cls, self._native_key = _native_api()
+        elif not fastapi_telemetry and importlib.util.find_spec("fastapi") is not None:
+            claims.append((_FASTAPI_KEY, None))  # a FastAPI app mounted below stays out of the way
         message = dict(kind=INTERNAL, record=_record_message_error, site=_MESSAGE_SITE)
         self._message_span_calls = (
             CallSpan(self, _describe_receive, finish=_received, **message).async_,
             CallSpan(self, _describe_send, **message).async_,
         )
-        server = asgi.AsgiServer(self, _Request, marker=SCOPE_MARKER, claims=claims)
-        self._fastapi_cls = fastapi.applications.FastAPI
-        handler = self._make_app_wrapper(server.serve)
-        self.wrap(starlette.applications, "Starlette.__call__", handler)
-        self.wrap(fastapi.applications, "FastAPI.__call__", handler)
-        self.wrap(starlette.background, "BackgroundTask.__call__", CallSpan(self, _describe_background, INTERNAL))
+        return asgi.AsgiServer(self, _Request, marker=SCOPE_MARKER, claims=claims).serve
 
     # -- the request path ----------------------------------------------------------
     def _make_app_wrapper(self, serve: Any) -> Any:
@@ -254,3 +290,52 @@ class FastAPIInstrumentor(Instrumentor):
             return traced_send(send, request, (message,), {})
 
         return receive_message, send_message
+
+
+class StarletteInstrumentor(FastAPIInstrumentor):
+    """Plain Starlette apps (``Starlette.__call__``) and their background tasks, without fastapi.
+
+    FastAPI apps are left to :class:`FastAPIInstrumentor`, which takes over
+    (:meth:`stand_down`) when fastapi is imported; when ``fastapi`` is
+    disabled by env, this one stands down then too.
+    """
+
+    name = "starlette"
+    distribution = "starlette"
+    supported = ">=0.27,<2"
+    covers = ("starlette",)
+    modules = ("starlette.applications", "starlette.background", "fastapi.applications")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yielded = False
+
+    def patch_module(self, module_name: str, module: Any) -> None:
+        if module_name == "fastapi.applications":
+            self._fastapi_cls = module.FastAPI
+            if get_settings().instrumentation_disabled("fastapi"):
+                self.stand_down()
+        elif self.yielded or any(not isinstance(i, StarletteInstrumentor) for i in _ACTIVE):
+            return  # the fastapi instrumentor's wrappers cover Starlette already
+        elif module_name == "starlette.applications":
+            self.wrap(module, "Starlette.__call__", self._built(fastapi_telemetry=False)[0])
+            if self not in _ACTIVE:
+                _ACTIVE.append(self)
+        else:
+            self.wrap(module, "BackgroundTask.__call__", self._built(fastapi_telemetry=False)[1])
+
+    def stand_down(self) -> None:
+        """Leave Starlette's classes to the fastapi instrumentor (or to its being switched off), for good."""
+        self.yielded = True
+        self.unpatch()
+
+    def _make_app_wrapper(self, serve: Any) -> Any:
+        def app_call(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            if len(args) == 3 and not kwargs:
+                scope = args[0]
+                if (isinstance(scope, dict) and scope.get("type") == "http" and scope.get(SCOPE_MARKER, False) is False
+                        and not isinstance(instance, self._fastapi_cls)):  # a FastAPI app is not ours
+                    return serve(wrapped, instance, scope, args[1], args[2])
+            return wrapped(*args, **kwargs)
+
+        return app_call

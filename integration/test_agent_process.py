@@ -207,8 +207,7 @@ def test_third_party_plugins_are_found_activated_on_import_and_isolated(tmp_path
         site,
         "autotrace-shop",
         """
-        from autotrace.instrumentation import Instrumentor, traced_call
-        from opentelemetry.trace import SpanKind
+        from autotrace.kit import CallSpan, Instrumentor
 
         class ShopInstrumentor(Instrumentor):
             name = "shop_lib"
@@ -216,8 +215,7 @@ def test_third_party_plugins_are_found_activated_on_import_and_isolated(tmp_path
             supported = ">=1,<2"
 
             def patch_module(self, module_name, module):
-                start = lambda inst, args, kw: self.tracer.start_span("shop.fetch", kind=SpanKind.CLIENT)
-                self.wrap(module, "Client.fetch", traced_call("shop.fetch", start))
+                self.wrap(module, "Client.fetch", CallSpan(self, lambda inst, args, kw: ("shop.fetch", {})))
 
         class Broken:
             def __init__(self):

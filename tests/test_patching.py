@@ -1,4 +1,4 @@
-"""wrap/unwrap, the never-raise guard and traced_call: the mechanics every instrumentor uses."""
+"""wrap/unwrap, the never-raise guard and the kit's CallSpan: the mechanics every instrumentor uses."""
 
 import asyncio
 import inspect
@@ -8,7 +8,8 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from autotrace.instrumentation import guard, is_suppressed, suppressed, traced_call, unwrap, wrap
+from autotrace.instrumentation import Instrumentor, guard, is_suppressed, suppressed, unwrap, wrap
+from autotrace.kit import CallSpan, Suppress
 
 
 class Base:
@@ -90,12 +91,20 @@ def test_guard_swallows_our_errors_once_and_lets_base_exceptions_through(caplog)
             raise KeyboardInterrupt
 
 
-def start(instance, args, kwargs):
-    return trace.get_tracer("t").start_span("call", kind=SpanKind.CLIENT)
+class _Shop(Instrumentor):
+    name = "t"
 
 
-def test_traced_call_passes_results_and_exceptions_through(spans):
-    wrapper = traced_call("t", start)
+def describe(instance, args, kwargs):
+    return "call", {}
+
+
+def call_span(site="t", describe=describe, **options):
+    return CallSpan(_Shop(), describe, kind=SpanKind.CLIENT, site=site, **options)
+
+
+def test_call_span_passes_results_and_exceptions_through(spans):
+    wrapper = call_span().sync
     assert wrapper(lambda x: x * 2, None, (21,), {}) == 42
     error = RuntimeError("user error")
 
@@ -112,20 +121,20 @@ def test_traced_call_passes_results_and_exceptions_through(spans):
     assert failed.events[0].name == "exception"
 
 
-def test_traced_call_survives_a_broken_start_and_finish(spans, caplog):
-    def broken_start(instance, args, kwargs):
+def test_call_span_survives_a_broken_describe_and_finish(spans, caplog):
+    def broken_describe(instance, args, kwargs):
         raise KeyError("bug")
 
-    def broken_finish(span, result):
+    def broken_finish(span, result, state):
         raise KeyError("bug")
 
-    assert traced_call("broken.start", broken_start)(lambda: "ok", None, (), {}) == "ok"
-    assert traced_call("broken.finish", start, broken_finish)(lambda: "ok", None, (), {}) == "ok"
+    assert call_span("broken.start", broken_describe).sync(lambda: "ok", None, (), {}) == "ok"
+    assert call_span("broken.finish", finish=broken_finish).sync(lambda: "ok", None, (), {}) == "ok"
     assert len(spans.get()) == 1  # the span whose finish failed still ended
     assert "broken.start" in caplog.text and "broken.finish" in caplog.text
 
 
-def test_traced_call_async_covers_the_awaited_work_and_current_span(spans):
+def test_call_span_async_covers_the_awaited_work_and_current_span(spans):
     seen = {}
 
     async def work():
@@ -133,7 +142,7 @@ def test_traced_call_async_covers_the_awaited_work_and_current_span(spans):
         await asyncio.sleep(0.05)
         return "done"
 
-    wrapper = traced_call("t", start)
+    wrapper = call_span().for_target(work)
     result = wrapper(work, None, (), {})
     assert inspect.iscoroutine(result)
     assert asyncio.run(result) == "done"
@@ -144,12 +153,12 @@ def test_traced_call_async_covers_the_awaited_work_and_current_span(spans):
 
 
 def test_suppression_skips_spans_and_http_key_nests(spans):
-    wrapper = traced_call("t", start)
+    wrapper = call_span().sync
     with suppressed():
         assert is_suppressed()
         wrapper(lambda: None, None, (), {})
     assert spans.get() == []
-    http_wrapper = traced_call("h", start, http=True)
+    http_wrapper = call_span("h", suppress=Suppress.HTTP).sync
     inner_results = []
     http_wrapper(lambda: inner_results.append(is_suppressed(http=True)), None, (), {})
     assert inner_results == [True] and len(spans.get()) == 1
