@@ -297,9 +297,17 @@ def shutdown(timeout_s: Optional[float] = None) -> bool:
     for exporter in _exporters:
         exporter.begin_shutdown()
     worker = threading.Thread(target=_safe_shutdown, args=(provider,), name="autotrace-shutdown", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    done = not worker.is_alive()
+    try:
+        worker.start()
+    except RuntimeError:
+        # Python 3.12+ refuses new threads once the interpreter is finalizing (an atexit
+        # callback run late, e.g. under gunicorn): flush on this thread, bounded by the
+        # exporters' own timeouts.
+        _safe_shutdown(provider)
+        worker = None
+    if worker is not None:
+        worker.join(timeout_s)
+    done = worker is None or not worker.is_alive()
     if not done:
         logger.warning(
             "autotrace: spans were still being exported after %.1fs at exit; gave up (AUTOTRACE_SHUTDOWN_TIMEOUT)",
