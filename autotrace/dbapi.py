@@ -37,9 +37,12 @@ import weakref
 from operator import attrgetter
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from opentelemetry.context import get_value
+
 from autotrace import db
 from autotrace._log import internal_error
 from autotrace.kit import (
+    SUPPRESS_INSTRUMENTATION_KEY,
     CallSpan,
     Instrumentor,
     Suppress,
@@ -288,6 +291,10 @@ class DbApiInstrumentor(Instrumentor):
         traced_class = self.traced_class
 
         def swap(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            if get_value(SUPPRESS_INSTRUMENTATION_KEY):
+                # Made under full suppression -- SQLAlchemy's pool connecting (its events trace every
+                # statement): the driver's own classes, without a Python layer on each statement.
+                return wrapped(*args, **kwargs)
             try:
                 factory = arg(args, kwargs, index, name) or (root if default is None else default(instance))
                 traced = traced_class(factory, root, methods)

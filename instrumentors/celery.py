@@ -30,46 +30,59 @@ What is wrapped (at class level, each module when it is first imported):
 * ``billiard.pool``: ``Worker._do_exit`` flushes the spans (bounded) before a
   pool child leaves with ``os._exit`` (``--max-tasks-per-child``).
 
-Suppression by Celery's own machinery ("internal") still lets publishes made
-inside it be traced (a chord body published by the backend, an errback), as
-children of the current span.
+Suppression by Celery's own machinery (:class:`autotrace.messaging.Machinery`)
+still lets publishes and eager executions made inside it be traced (a chord
+body published by the backend, an errback), as children of the current span.
+The spans are the kit's (:class:`autotrace.kit.CallSpan` for publish and eager
+execution, :class:`autotrace.messaging.ConsumerCall` for worker execution).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind
 
-from autotrace._log import error_once
 from autotrace.config import env
-from autotrace.instrumentation import SUPPRESS_INSTRUMENTATION_KEY, Instrumentor, close_span, guard, inject
+from autotrace.kit import (
+    CONSUMER,
+    PRODUCER,
+    CallSpan,
+    Instrumentor,
+    Plan,
+    Suppress,
+    arg,
+    guard,
+    guarded,
+    inject,
+    record_error,
+    set_attributes,
+)
+from autotrace.messaging import (
+    DESTINATION,
+    MESSAGE_ID,
+    ConsumerCall,
+    Machinery,
+    consumer_attributes,
+    consumer_parent,
+    inject_headers,
+    new_trace,
+    producer_attributes,
+    span_name,
+    start_consumer_span,
+)
 
 LINK_ONLY_ENV = "AUTOTRACE_CELERY_LINK_ONLY"
 
-_PRODUCER = SpanKind.PRODUCER
-_CONSUMER = SpanKind.CONSUMER
 _get_current = otel_context.get_current
-_attach = otel_context.attach
-_detach = otel_context.detach
-_set_span_in_context = trace.set_span_in_context
 
-#: The PRODUCER span of the publish in progress (read by the task sender).
+#: Celery's own machinery: suppressed, its publishes and eager executions still traced.
+_MACHINERY = Machinery("celery")
+#: In the context of a publish in progress: the facts the task sender adds to its PRODUCER span.
 _PUBLISH_KEY = otel_context.create_key("autotrace-celery-publish")
-#: Set with the suppress key by Celery's own machinery: publishes stay traced.
-_INTERNAL_KEY = otel_context.create_key("autotrace-celery-internal")
 #: The beat schedule entry being applied.
 _BEAT_KEY = otel_context.create_key("autotrace-celery-beat")
 
-SYSTEM = "messaging.system"
-OPERATION_TYPE = "messaging.operation.type"
-OPERATION_NAME = "messaging.operation.name"
-DESTINATION = "messaging.destination.name"
-MESSAGE_ID = "messaging.message.id"
 TASK_NAME = "celery.task.name"
 RETRY_COUNT = "celery.retry.count"
 STATE = "celery.state"
@@ -91,7 +104,7 @@ _SYSTEMS = {
     "confluentkafka": "kafka",
 }
 
-#: Result-backend methods that talk to the backend's store; run suppressed.
+#: Result-backend methods that talk to the backend's store; run as machinery.
 _BACKEND_METHODS = (
     "store_result",
     "mark_as_started",
@@ -129,19 +142,12 @@ _BACKEND_METHODS = (
 
 _CACHE_LIMIT = 1024
 
-try:  # the context key of the current span (stable since API 1.0; stay defensive)
-    from opentelemetry.trace.propagation import _SPAN_KEY
-except ImportError:  # pragma: no cover
-    _SPAN_KEY = None
-
 
 def _system_for(app: Any) -> str:
     """``messaging.system`` from the app's broker URL (the broker is the messaging system)."""
     url = None
-    try:
+    with guard("celery.system"):
         url = app.conf.broker_url
-    except Exception:
-        pass
     if not isinstance(url, str) or not url:
         return "rabbitmq"  # Celery's default broker is amqp://
     scheme = url.split(";", 1)[0].split("://", 1)[0].strip().lower()
@@ -163,49 +169,10 @@ def _destination(routing_key: Any, queue: Any, exchange: Any) -> Optional[str]:
     return None
 
 
-# --------------------------------------------------------------------------
-# Suppression of Celery's own machinery
-
-
-def _internal_context() -> Any:
-    ctx = _get_current()
-    if ctx.get(_INTERNAL_KEY) and ctx.get(SUPPRESS_INSTRUMENTATION_KEY):
-        return None
-    values = dict(ctx)
-    values[SUPPRESS_INSTRUMENTATION_KEY] = True
-    values[_INTERNAL_KEY] = True
-    return Context(values)
-
-
-def _suppressed_generator(generator: Any) -> Any:
-    """Iterate ``generator`` with every step suppressed (backends that yield results)."""
-    while True:
-        token = _attach(otel_context.set_value(_INTERNAL_KEY, True, otel_context.set_value(SUPPRESS_INSTRUMENTATION_KEY, True)))
-        try:
-            item = next(generator)
-        except StopIteration:
-            return
-        finally:
-            _detach(token)
-        yield item
-
-
-def _run_internal(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-    """wrapt wrapper: run the call as Celery machinery (no spans, publishes still traced)."""
-    try:
-        ctx = _internal_context()
-        token = None if ctx is None else _attach(ctx)
-    except Exception:
-        error_once("celery.internal", "autotrace: internal error in celery.internal; the program continues")
-        return wrapped(*args, **kwargs)
-    try:
-        result = wrapped(*args, **kwargs)
-    finally:
-        if token is not None:
-            _detach(token)
-    if token is not None and inspect.isgenerator(result):
-        return _suppressed_generator(result)
-    return result
+def _delivered_to(carrier: Dict[str, Any]) -> Optional[str]:
+    """The destination a worker's request came from (its ``delivery_info``)."""
+    delivery = carrier.get("delivery_info")
+    return _destination(delivery.get("routing_key"), None, delivery.get("exchange")) if delivery else None
 
 
 # --------------------------------------------------------------------------
@@ -236,10 +203,8 @@ class _TraceSlot:
         namespace["__trace__"] = value
         traced = None
         if value is not None:
-            try:
+            with guard("celery.tracer"):
                 traced = self.instrumentor._traced_tracer(obj, value)
-            except Exception:
-                error_once("celery.tracer", "autotrace: internal error in celery.tracer; this task runs untraced")
         namespace["_autotrace_trace"] = traced
 
     def __delete__(self, obj: Any) -> None:
@@ -271,6 +236,15 @@ class CeleryInstrumentor(Instrumentor):
         self._task_class: Any = None
         self._task_trace_original: Any = None
         self._configured = False
+        publish = CallSpan(self, self._describe_publish, PRODUCER, Suppress.ALL, _finish_publish, _record_publish, site="celery.publish")
+        apply = CallSpan(self, self._describe_apply, CONSUMER, finish=_finish_apply, record=_record_apply, site="celery.apply")
+        self._send_task = _MACHINERY.through(publish)
+        self._apply = _MACHINERY.through(apply)
+        self._consume = ConsumerCall(self, self._describe_consume, _finish_consume, _record_consume, site="celery.consume")
+        self._beat_apply_async = new_trace(_beat_values, "celery.beat")
+        # One wrapper object per target: patching a module twice adds no second layer.
+        self._get_backend = self._get_backend
+        self._announce_revoked = self._announce_revoked
 
     # -- patching -------------------------------------------------------------
     def _configure(self) -> None:
@@ -280,12 +254,13 @@ class CeleryInstrumentor(Instrumentor):
 
     def patch_module(self, module_name: str, module: Any) -> None:
         self._configure()
+        run_internal = _MACHINERY.run
         if module_name == "celery.app.base":
             self.wrap(module, "Celery.send_task", self._send_task)
             self.wrap(module, "Celery._get_backend", self._get_backend)
             self._patch_known_backends()
         elif module_name == "celery.app.amqp":
-            self.wrap(module, "AMQP._create_task_sender", self._create_task_sender)
+            self.wrap(module, "AMQP._create_task_sender", _create_task_sender)
         elif module_name == "celery.app.task":
             task_class = module.Task
             if not isinstance(task_class.__dict__.get("__trace__"), _TraceSlot):
@@ -295,18 +270,18 @@ class CeleryInstrumentor(Instrumentor):
             self.wrap(module, "Task.apply", self._apply)
         elif module_name == "celery.app.control":
             for method in ("broadcast", "purge", "discard_all", "election"):
-                self.wrap(module, "Control." + method, _run_internal)
+                self.wrap(module, "Control." + method, run_internal)
         elif module_name == "celery.worker.worker":
             for method in ("start", "stop", "terminate"):
-                self.wrap(module, "WorkController." + method, _run_internal)
+                self.wrap(module, "WorkController." + method, run_internal)
         elif module_name == "celery.worker.request":
             self.wrap(module, "Request._announce_revoked", self._announce_revoked)
         elif module_name == "celery.beat":
-            self.wrap(module, "Service.start", _run_internal)
-            self.wrap(module, "Service.sync", _run_internal)
+            self.wrap(module, "Service.start", run_internal)
+            self.wrap(module, "Service.sync", run_internal)
             self.wrap(module, "Scheduler.apply_async", self._beat_apply_async)
         elif module_name == "billiard.pool":
-            self.wrap(module, "Worker._do_exit", self._child_exit)
+            self.wrap(module, "Worker._do_exit", _child_exit)
 
     def unpatch_extra(self) -> None:
         if self._task_class is not None:
@@ -323,219 +298,100 @@ class CeleryInstrumentor(Instrumentor):
         if cached is None:
             if len(self._publish_attrs) >= _CACHE_LIMIT:
                 self._publish_attrs.clear()
-            cached = (
-                "publish " + name,
-                {
-                    SYSTEM: _system_for(app),
-                    OPERATION_TYPE: "send",
-                    OPERATION_NAME: "publish",
-                    TASK_NAME: name,
-                },
-            )
-            self._publish_attrs[key] = cached
+            attributes = producer_attributes(_system_for(app))
+            attributes[TASK_NAME] = name
+            cached = self._publish_attrs[key] = (span_name("publish", name), attributes)
         return cached
 
-    def _send_task(self, wrapped: Callable[..., Any], app: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        ctx = _get_current()
-        if ctx.get(SUPPRESS_INSTRUMENTATION_KEY) and not ctx.get(_INTERNAL_KEY):
-            return wrapped(*args, **kwargs)
-        try:
-            name = args[0] if args else kwargs["name"]
-            span_name, base = self._publish_base(app, str(name))
-            attributes = _call_attributes(base, kwargs)
-            beat = ctx.get(_BEAT_KEY)
-            if beat is not None:
-                attributes[BEAT_ENTRY] = beat
-            span = self.tracer.start_span(span_name, context=ctx, kind=_PRODUCER, attributes=attributes)
-            values = dict(ctx)
-            if _SPAN_KEY is not None:
-                values[_SPAN_KEY] = span
-            else:  # pragma: no cover
-                values = dict(_set_span_in_context(span, ctx))
-            values[SUPPRESS_INSTRUMENTATION_KEY] = True
-            values[_INTERNAL_KEY] = True
-            values[_PUBLISH_KEY] = span
-            values.pop(_BEAT_KEY, None)
-            token = _attach(Context(values))
-        except Exception:
-            error_once("celery.publish", "autotrace: internal error in celery.publish; the program continues, this call may be untraced")
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            self._end(span, token, exc)
-            raise
-        try:
-            if MESSAGE_ID not in attributes and span.is_recording():
-                result_id = getattr(result, "id", None)
-                if result_id:
-                    span.set_attribute(MESSAGE_ID, str(result_id))
-        except Exception:
-            error_once("celery.publish.end", "autotrace: internal error in celery.publish.end")
-        self._end(span, token, None)
-        return result
+    def _describe_publish(self, app: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Plan:
+        """``Celery.send_task``: the PRODUCER span; the routing and broker write inside are machinery.
 
-    @staticmethod
-    def _end(span: Any, token: Any, exc: Optional[BaseException]) -> None:
-        close_span(span, token, "celery.end", exc)
-
-    def _create_task_sender(self, wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        send_task_message = wrapped(*args, **kwargs)
-        try:
-            return _traced_sender(send_task_message)
-        except Exception:  # pragma: no cover - building a closure
-            return send_task_message
+        The task sender, called inside, puts what routing decided (the
+        destination) into ``facts``: they reach the span when the call ends.
+        """
+        name, base = self._publish_base(app, str(args[0] if args else kwargs["name"]))
+        attributes = _call_attributes(base, kwargs)
+        current = _get_current()
+        beat = current.get(_BEAT_KEY)
+        if beat is not None:
+            attributes[BEAT_ENTRY] = beat
+        facts: Dict[str, Any] = {}
+        parent = _MACHINERY.context(current, {_PUBLISH_KEY: facts}, _BEAT_KEY)
+        # Positional: a third cheaper than by keyword, on the hot path (parent, links, carrier, args, kwargs, state).
+        return Plan(name, attributes, parent, None, None, None, None, (MESSAGE_ID in attributes, facts))
 
     # -- consume --------------------------------------------------------------------
     def _consume_base(self, task: Any) -> Tuple[str, Dict[str, Any]]:
         name = str(getattr(task, "name", None) or type(task).__name__)
         app = None
-        try:
+        with guard("celery.app"):
             app = task._get_app()
-        except Exception:
-            pass
-        return (
-            "process " + name,
-            {
-                SYSTEM: _system_for(app) if app is not None else "rabbitmq",
-                OPERATION_TYPE: "process",
-                OPERATION_NAME: "process",
-                TASK_NAME: name,
-            },
-        )
+        attributes = consumer_attributes(_system_for(app) if app is not None else "rabbitmq")
+        attributes[TASK_NAME] = name
+        return span_name("process", name), attributes
 
     def _traced_tracer(self, task: Any, tracer_fn: Callable[..., Any]) -> Callable[..., Any]:
-        span_name, base = self._consume_base(task)
-        start = self._start_consume
-        finish = _finish_consume
+        facts = self._consume_base(task)
+        consume = self._consume.sync
 
         def traced_task(*args: Any, **kwargs: Any) -> Any:
-            try:
-                request = args[3] if len(args) > 3 else kwargs.get("request")
-                span, token = start(span_name, base, args[0] if args else kwargs.get("uuid"), request)
-            except Exception:
-                error_once("celery.consume", "autotrace: internal error in celery.consume; this task runs untraced")
-                return tracer_fn(*args, **kwargs)
-            try:
-                result = tracer_fn(*args, **kwargs)
-            except BaseException as exc:
-                finish(span, token, None, exc)
-                raise
-            finish(span, token, result, None)
-            return result
+            return consume(tracer_fn, facts, args, kwargs)
 
         traced_task.__wrapped__ = tracer_fn  # type: ignore[attr-defined]
         return traced_task
 
-    def _start_consume(self, span_name: str, base: Dict[str, Any], task_id: Any, request: Any) -> Tuple[Any, Any]:
+    def _describe_consume(self, facts: Tuple[str, Dict[str, Any]], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Plan:
+        """A tracer's call ``(uuid, args, kwargs, request)``: the request dict is the message's headers."""
+        task_id = args[0] if args else kwargs.get("uuid")
+        request = args[3] if len(args) > 3 else kwargs.get("request")
         carrier = request if isinstance(request, dict) else {}
-        parent = propagate.extract(carrier, context=Context())
-        attributes = dict(base)
+        parent, links = consumer_parent(carrier, self.link_only)
+        attributes = dict(facts[1])
         if task_id:
             attributes[MESSAGE_ID] = str(task_id)
         retries = carrier.get("retries")
         if retries:
             attributes[RETRY_COUNT] = retries
-        delivery = carrier.get("delivery_info")
-        if delivery:
-            destination = _destination(delivery.get("routing_key"), None, delivery.get("exchange"))
-            if destination:
-                attributes[DESTINATION] = destination
-        span = self._consumer_span(span_name, parent, attributes)
-        return span, _attach(_set_span_in_context(span, parent))
-
-    def _consumer_span(self, span_name: str, parent: Any, attributes: Dict[str, Any]) -> Any:
-        if self.link_only:
-            producer = trace.get_current_span(parent).get_span_context()
-            links = [Link(producer)] if producer.is_valid else None
-            return self.tracer.start_span(span_name, context=Context(), kind=_CONSUMER, attributes=attributes, links=links)
-        return self.tracer.start_span(span_name, context=parent, kind=_CONSUMER, attributes=attributes)
+        destination = _delivered_to(carrier)
+        if destination:
+            attributes[DESTINATION] = destination
+        return Plan(facts[0], attributes, parent, links)
 
     def _announce_revoked(self, wrapped: Callable[..., Any], request: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """A revoked/expired/terminated task: a CONSUMER span with the state, ended at once."""
         result = wrapped(*args, **kwargs)
-        try:
-            reason = args[0] if args else kwargs.get("reason")
+        with guard("celery.revoked"):
+            reason = arg(args, kwargs, 0, "reason")
             headers = getattr(request, "_request_dict", None)
             carrier = headers if isinstance(headers, dict) else {}
             task = getattr(request, "task", None)
-            span_name, base = self._consume_base(task) if task is not None else ("process " + str(request.name), {})
-            parent = propagate.extract(carrier, context=Context())
+            name, base = self._consume_base(task) if task is not None else ("process " + str(request.name), {})
             attributes = dict(base)
             attributes[MESSAGE_ID] = str(request.id)
             attributes[STATE] = "REVOKED"
             if reason:
                 attributes[REVOKE_REASON] = str(reason)
-            delivery = carrier.get("delivery_info") or {}
-            destination = _destination(delivery.get("routing_key"), None, delivery.get("exchange"))
+            destination = _delivered_to(carrier)
             if destination:
                 attributes[DESTINATION] = destination
-            self._consumer_span(span_name, parent, attributes).end()
-        except Exception:
-            error_once("celery.revoked", "autotrace: internal error in celery.revoked; the program continues")
+            start_consumer_span(self, name, attributes, carrier, link_only=self.link_only).end()
         return result
 
     # -- eager ------------------------------------------------------------------------
-    def _apply(self, wrapped: Callable[..., Any], task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        ctx = _get_current()
-        if ctx.get(SUPPRESS_INSTRUMENTATION_KEY) and not ctx.get(_INTERNAL_KEY):
-            return wrapped(*args, **kwargs)
-        try:
-            span_name, base = self._consume_base(task)
-            attributes = _call_attributes(base, kwargs)
-            task_id = kwargs.get("task_id")
-            # Baggage and other values carry on; suppression set by Celery machinery does not.
-            values = {k: v for k, v in ctx.items() if k is not SUPPRESS_INSTRUMENTATION_KEY and k is not _INTERNAL_KEY}
-            span = self.tracer.start_span(span_name, context=ctx, kind=_CONSUMER, attributes=attributes)
-            token = _attach(_set_span_in_context(span, Context(values)))
-        except Exception:
-            error_once("celery.apply", "autotrace: internal error in celery.apply; the program continues, this call may be untraced")
-            return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _finish_state(span, token, "FAILURE", exc)
-            raise
-        state, exc = None, None
-        try:
-            state = getattr(result, "state", None)
-            if task_id is None:
-                result_id = getattr(result, "id", None)
-                if result_id and span.is_recording():
-                    span.set_attribute(MESSAGE_ID, str(result_id))
-            if state == "FAILURE":
-                failure = getattr(result, "result", None)
-                if isinstance(failure, BaseException):
-                    exc = failure
-        except Exception:
-            error_once("celery.apply.end", "autotrace: internal error in celery.apply.end")
-        _finish_state(span, token, state, exc)
-        return result
+    def _describe_apply(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Dict[str, Any], Any]:
+        """``Task.apply`` (eager): a CONSUMER span in the current trace; its state is the task id given."""
+        name, base = self._consume_base(task)
+        return name, _call_attributes(base, kwargs), kwargs.get("task_id")
 
-    # -- beat, backends, children ---------------------------------------------------------
-    def _beat_apply_async(self, wrapped: Callable[..., Any], scheduler: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """Each scheduled publish starts a new trace (root PRODUCER span)."""
-        try:
-            entry = args[0] if args else kwargs.get("entry")
-            token = _attach(Context({_BEAT_KEY: str(getattr(entry, "name", "") or "")}))
-        except Exception:
-            error_once("celery.beat", "autotrace: internal error in celery.beat; the program continues")
-            return wrapped(*args, **kwargs)
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            _detach(token)
-
+    # -- backends ---------------------------------------------------------------------
     def _get_backend(self, wrapped: Callable[..., Any], app: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         backend = wrapped(*args, **kwargs)
-        try:
+        with guard("celery.backend"):
             self._patch_backend_class(type(backend))
-        except Exception:
-            error_once("celery.backend", "autotrace: internal error in celery.backend; result-backend calls may be traced")
         return backend
 
     def _patch_backend_class(self, cls: type) -> None:
-        """Suppress the store's I/O methods on ``cls`` and its bases, each definition once."""
+        """Run the store's I/O methods on ``cls`` and its bases as machinery, each definition once."""
         for klass in cls.__mro__:
             if klass is object or klass in self._patched_backends:
                 continue
@@ -543,79 +399,87 @@ class CeleryInstrumentor(Instrumentor):
             namespace = klass.__dict__
             for method in _BACKEND_METHODS:
                 if method in namespace:
-                    self.wrap(klass, method, _run_internal)
+                    self.wrap(klass, method, _MACHINERY.run)
 
     def _patch_known_backends(self) -> None:
         """Backend classes already defined (a backend may have been built before patching)."""
-        try:
+        with guard("celery.backend"):
             from celery.backends.base import BaseBackend
-        except Exception:
-            return
-        pending = [BaseBackend]
-        while pending:
-            cls = pending.pop()
-            try:
+
+            pending = [BaseBackend]
+            while pending:
+                cls = pending.pop()
                 self._patch_backend_class(cls)
                 pending.extend(cls.__subclasses__())
-            except Exception:
-                error_once("celery.backend", "autotrace: internal error in celery.backend; result-backend calls may be traced")
 
-    def _child_exit(self, wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """A pool child is about to ``os._exit``: flush its spans first (bounded)."""
-        try:
-            from autotrace import tracing
 
-            tracing.shutdown()
-        except Exception:
-            error_once("celery.child_exit", "autotrace: internal error flushing spans in a pool child")
-        return wrapped(*args, **kwargs)
+# --------------------------------------------------------------------------
+# Wrappers and hooks
+
+
+def _create_task_sender(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """``AMQP._create_task_sender``: the task sender it returns is wrapped (:func:`_traced_sender`)."""
+    return _traced_sender(wrapped(*args, **kwargs))
 
 
 def _traced_sender(send_task_message: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap the task sender closure: inject the context, record the destination."""
 
     def send_task_message_traced(producer: Any, name: Any, message: Any, *args: Any, **kwargs: Any) -> Any:
-        ctx = _get_current()
-        span = ctx.get(_PUBLISH_KEY)
-        if span is not None:
-            try:
-                carrier: Dict[str, str] = {}
-                inject(carrier, ctx)
-                if carrier:
-                    message[0].update(carrier)
-                    extra = kwargs.get("headers")
-                    if extra:  # explicit headers win in Celery; ours must reach the worker
-                        kwargs["headers"] = {**extra, **carrier}
-                if span.is_recording():
-                    destination = _destination(kwargs.get("routing_key"), kwargs.get("queue"), kwargs.get("exchange"))
-                    if destination:
-                        span.set_attribute(DESTINATION, destination)
-            except Exception:
-                error_once("celery.inject", "autotrace: internal error in celery.inject; the program continues")
+        current = _get_current()
+        facts = current.get(_PUBLISH_KEY)
+        if facts is not None:
+            _prepare_message(current, facts, message, kwargs)
         return send_task_message(producer, name, message, *args, **kwargs)
 
     send_task_message_traced.__wrapped__ = send_task_message  # type: ignore[attr-defined]
     return send_task_message_traced
 
 
-def _finish_consume(span: Any, token: Any, result: Any, exc: Optional[BaseException]) -> None:
-    """End the CONSUMER span from the tracer's ``(retval, info, runtime, retstr)``."""
-    if exc is not None:
-        state = "REJECTED" if type(exc).__name__ == "Reject" else "FAILURE"
-        _finish_state(span, token, state, None if state == "REJECTED" else exc)
-        return
-    state, failure = "SUCCESS", None
-    try:
-        info = result[1]
-        if info is not None:
-            state = info.state
-            if state == "FAILURE" and isinstance(info.retval, BaseException):
-                failure = info.retval
-            elif state == "RETRY" and span.is_recording():
-                span.add_event("celery.retry", {"celery.retry.reason": str(info.retval)[:1024]})
-    except Exception:
-        error_once("celery.consume.end", "autotrace: internal error in celery.consume.end")
-    _finish_state(span, token, state, failure)
+@guarded("celery.inject")
+def _prepare_message(current: Any, facts: Dict[str, Any], message: Any, kwargs: Dict[str, Any]) -> None:
+    """The trace context into the message headers (Celery's own dict), the routed destination into ``facts``."""
+    inject(message[0], current)
+    extra = kwargs.get("headers")
+    if extra:  # explicit headers win in Celery; ours must reach the worker
+        kwargs["headers"] = inject_headers(extra, current)
+    destination = _destination(kwargs.get("routing_key"), kwargs.get("queue"), kwargs.get("exchange"))
+    if destination:
+        facts[DESTINATION] = destination
+
+
+def _finish_publish(span: Any, result: Any, state: Tuple[bool, Dict[str, Any]]) -> None:
+    given, facts = state
+    if not given:
+        result_id = getattr(result, "id", None)
+        if result_id:
+            facts[MESSAGE_ID] = str(result_id)
+    if facts:
+        set_attributes(span, facts)
+
+
+def _record_publish(span: Any, exc: BaseException, state: Tuple[bool, Dict[str, Any]]) -> None:
+    if state[1]:
+        set_attributes(span, state[1])
+    record_error(span, exc)
+
+
+def _beat_values(scheduler: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[Any, Any]:
+    """``Scheduler.apply_async(entry)``: each scheduled publish a root PRODUCER span, with the entry's name."""
+    return {_BEAT_KEY: str(getattr(arg(args, kwargs, 0, "entry"), "name", "") or "")}
+
+
+def _child_exit(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    """A pool child is about to ``os._exit``: flush its spans first (bounded)."""
+    _flush()
+    return wrapped(*args, **kwargs)
+
+
+@guarded("celery.child_exit")
+def _flush() -> None:
+    from autotrace import tracing
+
+    tracing.shutdown()
 
 
 def _call_attributes(base: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -630,8 +494,49 @@ def _call_attributes(base: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, 
     return attributes
 
 
-def _finish_state(span: Any, token: Any, state: Optional[str], exc: Optional[BaseException]) -> None:
+def _settle(span: Any, state: Optional[str], failure: Optional[BaseException], attributes: Optional[Dict[str, Any]] = None) -> None:
+    """``celery.state`` (and ``attributes``) on the span; ``failure`` recorded as its error."""
+    attributes = attributes or {}
     if state:
-        with guard("celery.finish"):
-            span.set_attribute(STATE, str(state))
-    close_span(span, token, "celery.finish", exc)
+        attributes[STATE] = str(state)
+    if attributes:
+        set_attributes(span, attributes)
+    if failure is not None:
+        record_error(span, failure)
+
+
+def _finish_consume(span: Any, result: Any, state: Any) -> None:
+    """The tracer's ``(retval, info, runtime, retstr)``: the task's state, its failure."""
+    status, failure = "SUCCESS", None
+    info = result[1]
+    if info is not None:
+        status = info.state
+        if status == "FAILURE" and isinstance(info.retval, BaseException):
+            failure = info.retval
+        elif status == "RETRY" and span.is_recording():
+            span.add_event("celery.retry", {"celery.retry.reason": str(info.retval)[:1024]})
+    _settle(span, status, failure)
+
+
+def _record_consume(span: Any, exc: BaseException, state: Any) -> None:
+    """The tracer raised: ``Reject`` (the task asked to be rejected) is no error."""
+    rejected = type(exc).__name__ == "Reject"
+    _settle(span, "REJECTED" if rejected else "FAILURE", None if rejected else exc)
+
+
+def _finish_apply(span: Any, result: Any, task_id: Any) -> None:
+    """The ``EagerResult``: its state, its id (when Celery made it), its failure."""
+    status, failure, attributes = getattr(result, "state", None), None, {}
+    if task_id is None:
+        result_id = getattr(result, "id", None)
+        if result_id:
+            attributes[MESSAGE_ID] = str(result_id)
+    if status == "FAILURE":
+        error = getattr(result, "result", None)
+        if isinstance(error, BaseException):
+            failure = error
+    _settle(span, status, failure, attributes)
+
+
+def _record_apply(span: Any, exc: BaseException, state: Any) -> None:
+    _settle(span, "FAILURE", exc)

@@ -569,16 +569,13 @@ def test_orm_statements_one_span_each_no_literals(db, spans):
 
 def test_no_duplicate_driver_span(db, traced, spans):
     spans.clear()
-    db.connection.execute("SELECT 1")  # the driver itself, outside the ORM: traced by the sqlite3 instrumentor
-    driver = spans.one()
-    assert driver.instrumentation_scope.name == "autotrace.instrumentors.sqlite3"
-    spans.clear()
     Item.objects.filter(name="x").exists()
     assert [s.instrumentation_scope.name for s in spans.get()] == [SCOPE]
-    traced.unpatch()  # without Django's span, the driver traces the same statement
-    spans.clear()
-    Item.objects.filter(name="x").exists()
-    assert [s.instrumentation_scope.name for s in spans.get()] == ["autotrace.instrumentors.sqlite3"]
+    # Django opens its connections under suppression: they are the driver's own classes, with no
+    # per-statement driver layer under the ORM (docs/dbapi.md).
+    import sqlite3
+
+    assert type(db.connection) is sqlite3.Connection
 
 
 def test_connection_setup_makes_no_span(db, spans):
