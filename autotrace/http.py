@@ -34,6 +34,7 @@ from autotrace.kit import (
     SUPPRESS_HTTP_INSTRUMENTATION_KEY,
     SUPPRESS_INSTRUMENTATION_KEY,
     PendingSpan,
+    arg,
     hold,
     inject,
     record_error,
@@ -756,6 +757,29 @@ class HttpClient:
             return result
 
         return wrapper
+
+    def retry_hook(self, chain: ContextVar) -> Callable[..., Any]:
+        """The wrapper of urllib3's ``Retry.increment`` for a client whose attempts are in ``chain``.
+
+        A retry was decided: the attempt's span ends with its own outcome. When
+        retries are exhausted ``increment`` raises and the span stays open: the
+        client's call records the exception the caller actually gets.
+        """
+        retried = self.retried
+
+        def increment(wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            result = wrapped(*args, **kwargs)
+            current = chain.get()
+            call = current.call if current is not None else None
+            if call is not None and call.span is not None:
+                response = arg(args, kwargs, 2, "response")
+                retried(
+                    call, arg(args, kwargs, 3, "error"), getattr(response, "status", None),
+                    PROTOCOL_VERSIONS.get(getattr(response, "version", None)),
+                )
+            return result
+
+        return increment
 
     def retried(self, call: ClientCall, error: Optional[BaseException], status: Any = None, version: Optional[str] = None) -> None:
         """A retry was decided: end the current attempt's span with its own outcome (``error``, else ``status``/``version``)."""

@@ -62,7 +62,7 @@ class RequestsInstrumentor(Instrumentor):
         self._w_session_send = self._session_send
         self._w_adapter_send = self._client.attempts(self._describe, self._finish, "requests.send")
         self._w_urlopen = self._urlopen
-        self._w_increment = self._increment
+        self._w_increment = self._client.retry_hook(_CHAIN)
         self._w_release = self._release
 
     def patch_module(self, module_name: str, module: Any) -> None:
@@ -107,23 +107,6 @@ class RequestsInstrumentor(Instrumentor):
         return None if raw is None or raw.closed else raw
 
     # -- urllib3: retries -------------------------------------------------------
-    def _increment(self, wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """A retry was decided: end the attempt's span with its own outcome.
-
-        When retries are exhausted ``increment`` raises and the span stays
-        open: the adapter records the exception the caller actually gets.
-        """
-        retried = wrapped(*args, **kwargs)
-        chain = _CHAIN.get()
-        call = chain.call if chain is not None else None
-        if call is not None and call.span is not None:
-            response = arg(args, kwargs, 2, "response")
-            self._client.retried(
-                call, arg(args, kwargs, 3, "error"), getattr(response, "status", None),
-                _VERSIONS.get(getattr(response, "version", None)),
-            )
-        return retried
-
     def _urlopen(self, wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         chain = _CHAIN.get()
         call = chain.call if chain is not None else None

@@ -60,7 +60,7 @@ class Urllib3Instrumentor(Instrumentor):
         self._w_attempt = self._client.attempts(self._describe, self._finish, "urllib3.urlopen")
         self._w_manager = self._manager_urlopen
         self._w_pool = self._pool_urlopen
-        self._w_increment = self._increment
+        self._w_increment = self._client.retry_hook(_CHAIN)
         self._w_release = self._release
 
     def patch_module(self, module_name: str, urllib3: Any) -> None:
@@ -131,19 +131,6 @@ class Urllib3Instrumentor(Instrumentor):
         return None if response.closed else response
 
     # -- retries and the end of the body ----------------------------------------
-    def _increment(self, wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        """A retry was decided: end the attempt's span with its outcome (exhausted: the caller's error ends it)."""
-        retried = wrapped(*args, **kwargs)
-        chain = _CHAIN.get()
-        call = chain.call if chain is not None else None
-        if call is not None and call.span is not None:
-            response = arg(args, kwargs, 2, "response")
-            self._client.retried(
-                call, arg(args, kwargs, 3, "error"), getattr(response, "status", None),
-                PROTOCOL_VERSIONS.get(getattr(response, "version", None)),
-            )
-        return retried
-
     def _release(self, wrapped: Any, instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         release(instance)
         return wrapped(*args, **kwargs)
