@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "Instrumentor", "CallSpan", "Plan", "Suppress", "PendingSpan", "ServerSpan", "TracedIterator",
-    "TracedAsyncIterator", "hold", "release", "held", "start_server_span", "extract", "error_type",
+    "TracedAsyncIterator", "hold", "release", "held", "ends_held", "start_server_span", "extract", "error_type",
     "record_error", "arg", "replace_arg", "span_context", "guard", "guarded", "inject", "is_suppressed",
     "suppressed", "set_attributes", "SUPPRESS_INSTRUMENTATION_KEY", "SUPPRESS_HTTP_INSTRUMENTATION_KEY",
     "SUPPRESS_DB_INSTRUMENTATION_KEY", "CLIENT", "SERVER", "PRODUCER", "CONSUMER", "INTERNAL",
@@ -307,7 +307,6 @@ def _call_wrappers(
     get_current = _get_current
     attach = _attach
     detach = _detach
-    plan_type = Plan
 
     def begin(instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """``(span, token, state, args, kwargs)`` or None; never raises."""
@@ -505,6 +504,36 @@ def release(obj: Any, exc: Optional[BaseException] = None) -> bool:
         return False
     pending.end(exc)
     return True
+
+
+def ends_held(finish: Optional[Callable[[Span, Any], None]] = None, site: str = "kit.ends_held") -> Callable[..., Any]:
+    """A wrapt wrapper ending the span :func:`hold` put on the instance when the wrapped call is over.
+
+    For a span started by one call and ended by a later one on the same object
+    (``HTTPConnection.request`` ... ``getresponse``): on an exception the span
+    ends with it recorded; on return ``finish(span, result)`` (guarded) sets
+    what the result tells, then the span ends. Without a held span the call
+    runs untouched.
+    """
+
+    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        pending = held(instance)
+        if pending is None:
+            return wrapped(*args, **kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            release(instance, exc)
+            raise
+        if finish is not None:
+            try:
+                finish(pending.span, result)
+            except Exception:
+                internal_error(site)
+        release(instance)
+        return result
+
+    return wrapper
 
 
 class TracedIterator:

@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Dict, Optional, Tuple
 
 from autotrace.http import DEFAULT_PORTS, PROTOCOL_VERSIONS, ExcludedUrls, HttpClient, caller_is_exporter, excluded_urls
-from autotrace.kit import CallSpan, Instrumentor, Plan, Suppress, arg, guard, held, hold, release, replace_arg
+from autotrace.kit import CallSpan, Instrumentor, Plan, Suppress, arg, ends_held, hold, release, replace_arg
 
 _MODULES = sys.modules
 #: Frames passed over when looking for an exporter caller: the HTTP libraries built on http.client, ours.
@@ -69,7 +69,7 @@ class HttpClientInstrumentor(Instrumentor):
         # Bound once, so that wrap() recognises (and refuses) a second patch.
         self._w_request = CallSpan(self, self._describe_request, suppress=Suppress.HTTP, outlive=self._sent)
         self._w_putrequest = CallSpan(self, self._describe_putrequest, suppress=Suppress.HTTP, outlive=self._sent)
-        self._w_getresponse = self._getresponse
+        self._w_getresponse = ends_held(self._outcome, "http_client.getresponse")
         self._w_close = self._close
 
     def patch_module(self, module_name: str, module: Any) -> None:
@@ -122,19 +122,8 @@ class HttpClientInstrumentor(Instrumentor):
         hold(conn, pending)
         return result
 
-    def _getresponse(self, wrapped: Any, conn: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        pending = held(conn)
-        if pending is None:
-            return wrapped(*args, **kwargs)
-        try:
-            response = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            release(conn, exc)
-            raise
-        with guard("http_client.getresponse"):
-            self._client.outcome(pending.span, response.status, PROTOCOL_VERSIONS.get(response.version), response.headers)
-        release(conn)
-        return response
+    def _outcome(self, span: Any, response: Any) -> None:
+        self._client.outcome(span, response.status, PROTOCOL_VERSIONS.get(response.version), response.headers)
 
     def _close(self, wrapped: Any, conn: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         release(conn)

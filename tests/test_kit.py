@@ -815,3 +815,40 @@ def test_baggage_and_context_values_survive_a_call_span(inst, spans) -> None:
     finally:
         otel_context.detach(token)
     assert seen["baggage"] == "u1"
+
+
+# --------------------------------------------------------------------------
+# ends_held: a span started by one call, ended by a later one on the same object
+
+
+class _Connection:
+    def getresponse(self, fail: bool = False) -> str:
+        if fail:
+            raise ConnectionResetError("peer gone")
+        return "response"
+
+
+def test_ends_held_finishes_and_ends_on_return_and_records_an_error(spans) -> None:
+    seen = []
+    wrapper = kit.ends_held(lambda span, result: seen.append(result))
+    conn = _Connection()
+    assert wrapper(conn.getresponse, conn, (), {}) == "response"  # nothing held: untouched
+    assert seen == [] and spans.get() == []
+    hold(conn, PendingSpan(app_tracer.start_span("request")))
+    assert wrapper(conn.getresponse, conn, (), {}) == "response"
+    assert seen == ["response"] and held(conn) is None and len(spans.named("request")) == 1
+    hold(conn, PendingSpan(app_tracer.start_span("failing")))
+    with pytest.raises(ConnectionResetError):
+        wrapper(conn.getresponse, conn, (True,), {})
+    failed = spans.one("failing")
+    assert failed.attributes["error.type"] == "ConnectionResetError" and held(conn) is None
+
+
+def test_ends_held_survives_a_broken_finish(spans) -> None:
+    def broken(span, result):
+        raise KeyError("bug")
+
+    conn = _Connection()
+    hold(conn, PendingSpan(app_tracer.start_span("request")))
+    assert kit.ends_held(broken)(conn.getresponse, conn, (), {}) == "response"
+    assert len(spans.named("request")) == 1
